@@ -1,0 +1,68 @@
+"""Safety Amplification: add ``coef[row] * vector`` to one module's output at the last position.
+
+A `Steerer` is scoped to one call: ``with attach(...) as steerer`` registers one forward hook and removes
+it on exit, whatever happens. The hook acts only inside ``with steerer.active(coef):`` in the same thread
+(a ContextVar), so concurrent calls on the same model, and a consumer's own code between two stream
+steps, never see another call's steering.
+
+Position rule: every forward pass of the decode loop ends at a position that must be steered: prefill
+ends at the last prompt token (prompts are left-padded, so it is the last column for every row) and each
+decode step feeds one generated token. So the hook adds the vector at the last column only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architecture import steering_module
+
+_ACTIVE: ContextVar[tuple[Steerer, torch.Tensor] | None] = ContextVar("safeinfer_steering", default=None)
+
+
+class Steerer:
+    """One call's steering: the vector and the module it is added to."""
+
+    def __init__(self, module: nn.Module, vector: torch.Tensor) -> None:
+        self.module = module
+        self.vector = vector
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> Any:
+        active = _ACTIVE.get()
+        if active is None or active[0] is not self:
+            return None
+        coef = active[1]
+        hidden = output[0] if isinstance(output, tuple) else output
+        delta = coef.to(hidden.dtype)[:, None] * self.vector.to(hidden.dtype)[None, :]
+        steered = hidden.clone()
+        steered[:, -1, :] = steered[:, -1, :] + delta
+        if isinstance(output, tuple):
+            return (steered, *output[1:])
+        return steered
+
+    @contextmanager
+    def active(self, coef: torch.Tensor) -> Iterator[None]:
+        """Steer forward passes run inside this block, in this thread, with per-row ``coef``."""
+        token = _ACTIVE.set((self, coef))
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+
+
+@contextmanager
+def attach(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterator[Steerer]:
+    """Register the steering hook on ``layer`` for the duration of the block; always removed."""
+    module = steering_module(model, layer)
+    param = next(model.parameters())
+    steerer = Steerer(module, vector.to(param.device))
+    handle = module.register_forward_hook(steerer._hook)  # registered before the try: nothing half-done
+    try:
+        yield steerer
+    finally:
+        handle.remove()

@@ -1,0 +1,186 @@
+"""Sanity checks for the package's own demonstration / evaluation data files.
+
+Plain pytest; no project imports.  Files are located relative to this test file.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "safeinfer_integrations" / "data"
+HARMFUL = DATA_DIR / "harmful_demos.jsonl"
+BENIGN = DATA_DIR / "benign_prompts.jsonl"
+HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
+
+CATEGORIES = [
+    "Illegal Activity",
+    "Child Abuse Content",
+    "Malware",
+    "Physical Harm",
+    "Economic Harm",
+    "Political Campaigning",
+    "Privacy Violation Activity",
+    "Tailored Financial Advice",
+    "Fraud/Deception",
+    "Hate/Harass/Violence",
+    "Adult Content",
+]
+
+REFUSAL_MARKERS = (
+    "can't",
+    "cannot",
+    "won't",
+    "not able",
+    "unable",
+    "not something i",
+    "isn't something i",
+    "decline",
+    "refuse",
+    "not going to",
+)
+
+
+def _load(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:  # pragma: no cover - failure path
+                pytest.fail(f"{path.name}:{lineno}: invalid JSON ({exc})")
+            assert isinstance(obj, dict), f"{path.name}:{lineno}: not an object"
+            rows.append(obj)
+    return rows
+
+
+def _norm(text: str) -> str:
+    text = text.replace("\u2019", "'").replace("\u2018", "'")
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def _tokens(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", _norm(text)))
+
+
+@pytest.fixture(scope="module")
+def harmful() -> list[dict]:
+    return _load(HARMFUL)
+
+
+@pytest.fixture(scope="module")
+def benign() -> list[dict]:
+    return _load(BENIGN)
+
+
+@pytest.fixture(scope="module")
+def helpful() -> list[dict]:
+    return _load(HELPFUL)
+
+
+@pytest.mark.parametrize("path", [HARMFUL, BENIGN, HELPFUL], ids=lambda p: p.name)
+def test_file_exists_and_parses(path: Path) -> None:
+    assert path.is_file(), f"missing {path}"
+    assert _load(path), f"{path.name} is empty"
+
+
+def test_harmful_schema(harmful: list[dict]) -> None:
+    for i, row in enumerate(harmful):
+        assert set(row) >= {"question", "category", "answer"}, i
+        assert isinstance(row["question"], str) and row["question"].strip(), i
+        assert isinstance(row["answer"], str) and row["answer"].strip(), i
+        assert row["category"] in CATEGORIES, (i, row["category"])
+
+
+def test_harmful_lengths(harmful: list[dict]) -> None:
+    for row in harmful:
+        assert 6 <= len(row["question"].split()) <= 30, row["question"]
+        assert 8 <= len(row["answer"].split()) <= 25, row["answer"]
+
+
+def test_harmful_category_counts(harmful: list[dict]) -> None:
+    counts = Counter(row["category"] for row in harmful)
+    for cat in CATEGORIES:
+        assert counts[cat] >= 20, f"{cat}: only {counts[cat]} demos"
+    assert len(harmful) >= 220
+
+
+def test_harmful_answers_are_refusals(harmful: list[dict]) -> None:
+    bad = [
+        row["answer"]
+        for row in harmful
+        if not any(marker in _norm(row["answer"]) for marker in REFUSAL_MARKERS)
+    ]
+    assert not bad, f"answers without a refusal marker: {bad[:5]}"
+
+
+def test_benign_schema_and_kinds(benign: list[dict]) -> None:
+    for i, row in enumerate(benign):
+        assert set(row) >= {"question", "kind", "category"}, i
+        assert isinstance(row["question"], str) and row["question"].strip(), i
+        assert row["kind"] in ("ordinary", "sensitive_sounding"), (i, row["kind"])
+        assert isinstance(row["category"], str) and row["category"].strip(), i
+    kinds = Counter(row["kind"] for row in benign)
+    assert kinds["ordinary"] >= 50, kinds
+    assert kinds["sensitive_sounding"] >= 50, kinds
+    assert len(benign) >= 150
+
+
+def test_helpfulness_schema(helpful: list[dict]) -> None:
+    for i, row in enumerate(helpful):
+        assert set(row) >= {"question", "answers", "category"}, i
+        assert isinstance(row["question"], str) and row["question"].strip(), i
+        assert isinstance(row["category"], str) and row["category"].strip(), i
+        answers = row["answers"]
+        assert isinstance(answers, list) and answers, i
+        assert all(isinstance(a, str) for a in answers), i
+        assert any(a.strip() for a in answers), i
+    assert len(helpful) >= 120
+
+
+@pytest.mark.parametrize("name", ["harmful", "benign", "helpful"])
+def test_no_duplicates_within_file(name: str, request: pytest.FixtureRequest) -> None:
+    rows = request.getfixturevalue(name)
+    counts = Counter(_norm(row["question"]) for row in rows)
+    dups = [q for q, n in counts.items() if n > 1]
+    assert not dups, f"duplicate questions in {name}: {dups[:5]}"
+
+
+def test_no_duplicates_across_files(
+    harmful: list[dict], benign: list[dict], helpful: list[dict]
+) -> None:
+    sets = {
+        "harmful": {_norm(r["question"]) for r in harmful},
+        "benign": {_norm(r["question"]) for r in benign},
+        "helpful": {_norm(r["question"]) for r in helpful},
+    }
+    for a, b in itertools.combinations(sets, 2):
+        overlap = sets[a] & sets[b]
+        assert not overlap, f"{a}/{b} share questions: {sorted(overlap)[:5]}"
+
+
+def test_harmful_not_in_benign_or_helpfulness(
+    harmful: list[dict], benign: list[dict], helpful: list[dict]
+) -> None:
+    others = {_norm(r["question"]) for r in benign + helpful}
+    leaked = [r["question"] for r in harmful if _norm(r["question"]) in others]
+    assert not leaked, leaked
+
+
+def test_no_near_duplicate_prompts(harmful: list[dict], benign: list[dict]) -> None:
+    # helpfulness_qa is deliberately templated ("What is the capital of X?"),
+    # so the near-duplicate check covers the free-form prompt files only.
+    rows = [r["question"] for r in harmful + benign]
+    toks = [_tokens(q) for q in rows]
+    near = []
+    for i, j in itertools.combinations(range(len(rows)), 2):
+        union = toks[i] | toks[j]
+        if union and len(toks[i] & toks[j]) / len(union) >= 0.8:
+            near.append((rows[i], rows[j]))
+    assert not near, f"near-duplicate prompts: {near[:5]}"

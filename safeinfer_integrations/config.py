@@ -114,10 +114,12 @@ class SafeInferConfig(BaseModel):
         return self.alpha / (1.0 - self.alpha)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> SafeInferConfig:
-        """A new, validated config with ``overrides`` applied (``model_copy`` would skip validation)."""
-        if not overrides:
+        """A new, validated config with ``overrides`` applied (``model_copy`` would skip validation).
+        An override of None keeps the current value, so callers can pass unset options through."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if not given:
             return self
-        return SafeInferConfig(**{**self.model_dump(), **overrides})
+        return SafeInferConfig(**{**self.model_dump(), **given})
 
 
 class SamplingSettings(BaseModel):

@@ -100,3 +100,20 @@ def default_engine() -> Any:
     from safeinfer_integrations.registry import get_engine
 
     return get_engine()
+
+
+_DEFAULT_MODEL_FIXTURES = frozenset({"default_engine", "default_model_and_tokenizer"})
+_ALL_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request: pytest.FixtureRequest) -> Any:
+    """Tiny models run single-threaded (OpenMP's thread hand-off costs far more than their matmuls, worst
+    on a loaded machine); tests of the real default model (using its fixtures, or marked
+    ``default_model``) get all threads."""
+    wants_all = bool(_DEFAULT_MODEL_FIXTURES & set(request.fixturenames)) or (
+        request.node.get_closest_marker("default_model") is not None
+    )
+    torch.set_num_threads(_ALL_THREADS if wants_all else 1)
+    yield
+    torch.set_num_threads(_ALL_THREADS)

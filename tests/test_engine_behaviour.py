@@ -1,0 +1,268 @@
+"""Engine behaviour on tiny models: streaming, stop strings, sampling, hooks, threads and bad input."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pydantic
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from safeinfer_integrations import SafeInferConfig, SafeInferEngine, SafetyVector
+from safeinfer_integrations.architecture import steering_module
+
+CHAT = [{"role": "user", "content": "How do I bake bread at home?"}]
+
+
+@pytest.fixture
+def engine(tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInferEngine:
+    model = tiny_model_factory("llama", 0)
+    vector = SafetyVector(torch.randn(48, generator=torch.Generator().manual_seed(1)), layer=1, scale=3.0)
+    return SafeInferEngine(model, tiny_tokenizer, vector=vector, unsafe_model=tiny_model_factory("llama", 1))
+
+
+def _hook_count(engine: SafeInferEngine) -> int:
+    module = steering_module(engine.model, engine.vector.layer)  # type: ignore[union-attr]
+    return len(module._forward_hooks)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "sa", "sgds", "safeinfer"])
+def test_stream_equals_generate(engine: SafeInferEngine, mode: str) -> None:
+    settings = {"mode": mode, "max_new_tokens": 24}
+    generation = engine.generate(CHAT, **settings)[0]
+    stream = engine.stream(CHAT, **settings)
+    pieces = list(stream)
+    assert "".join(pieces) == generation.text
+    assert stream.generation == generation
+    assert _hook_count(engine) == 0
+
+
+def test_sampling_is_reproducible_and_stream_matches(engine: SafeInferEngine) -> None:
+    settings = {"mode": "safeinfer", "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 11,
+                "max_new_tokens": 20}
+    first = engine.generate(CHAT, **settings)[0]
+    assert engine.generate(CHAT, **settings)[0] == first
+    assert "".join(engine.stream(CHAT, **settings)) == first.text
+    other = engine.generate(CHAT, **{**settings, "seed": 12})[0]
+    assert other.token_ids != first.token_ids
+    # a batch row with a seed equals the single run with that seed
+    batch = engine.generate(["Some text", CHAT], **settings)
+    assert batch[1] == first
+
+
+def test_stop_string_spanning_tokens(engine: SafeInferEngine, tiny_tokenizer: Any) -> None:
+    full = engine.generate(CHAT, mode="vanilla", max_new_tokens=30)[0]
+    pieces = [tiny_tokenizer.decode([t]) for t in full.token_ids]
+    # a stop string made of the end of token 3 and the start of token 4: it spans two tokens
+    assert len(pieces) > 6 and len(pieces[3]) >= 1 and len(pieces[4]) >= 1
+    stop = pieces[3][-1:] + pieces[4][:1]
+    index = full.text.find(stop)
+    assert index >= 0
+    result = engine.generate(CHAT, mode="vanilla", max_new_tokens=30, stop=[stop])[0]
+    assert result.finish_reason == "stop_sequence"
+    assert result.text == full.text[:index]
+    assert stop not in result.text
+    streamed = engine.stream(CHAT, mode="vanilla", max_new_tokens=30, stop=stop)
+    assert "".join(streamed) == full.text[:index]
+    assert streamed.generation is not None and streamed.generation.finish_reason == "stop_sequence"
+
+
+def test_finish_reasons_and_usage(engine: SafeInferEngine, tiny_tokenizer: Any) -> None:
+    result = engine.generate(CHAT, mode="vanilla", max_new_tokens=5)[0]
+    assert result.finish_reason in ("length", "stop")
+    assert result.usage.prompt_tokens == len(engine.formatter.encode(CHAT))
+    assert result.usage.completion_tokens == len(result.token_ids) <= 5
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    assert result.safety.mode == "vanilla" and result.safety.vector_id is None
+
+
+def test_eos_ends_generation_with_stop(tiny_tokenizer: Any) -> None:
+    model = make_tiny_model("llama", len(tiny_tokenizer), seed=0)
+    with torch.no_grad():  # make the end-of-sequence token overwhelmingly likely
+        model.lm_head.weight[tiny_tokenizer.eos_token_id] *= 0
+        model.lm_head.bias = None
+        model.lm_head.weight[tiny_tokenizer.eos_token_id] += model.model.norm.weight.sign() * 5
+    engine = SafeInferEngine(model, tiny_tokenizer)
+    result = engine.generate(CHAT, mode="vanilla", max_new_tokens=20)[0]
+    assert result.finish_reason == "stop"
+    assert result.token_ids[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.eos_token not in result.text
+
+
+def test_context_window_bounds_generation(tiny_tokenizer: Any) -> None:
+    model = make_tiny_model("gpt2", len(tiny_tokenizer), seed=0)  # 256 positions
+    engine = SafeInferEngine(model, tiny_tokenizer)
+    prompt_len = len(engine.formatter.encode(CHAT))
+    result = engine.generate(CHAT, mode="vanilla", max_new_tokens=1000)[0]
+    assert result.usage.prompt_tokens + result.usage.completion_tokens <= 256
+    if result.finish_reason == "length":
+        assert result.usage.completion_tokens == 256 - prompt_len
+
+
+def test_early_closed_stream_removes_hooks(engine: SafeInferEngine) -> None:
+    stream = engine.stream(CHAT, mode="safeinfer", unsafe_expert="negated_vector", max_new_tokens=50)
+    next(stream)
+    assert _hook_count(engine) == 1  # the call's hook, while it runs
+    stream.close()
+    assert _hook_count(engine) == 0
+    assert stream.generation is None
+
+
+def test_steering_does_not_leak_into_consumer_code(engine: SafeInferEngine) -> None:
+    """Between two stream steps the consumer's own forward passes are not steered."""
+    ids = torch.tensor([engine.formatter.encode(CHAT)])
+    with torch.no_grad():
+        before = engine.model(ids).logits
+    stream = engine.stream(CHAT, mode="sa", max_new_tokens=10)
+    next(stream)
+    with torch.no_grad():
+        during = engine.model(ids).logits
+    stream.close()
+    assert torch.equal(before, during)
+
+
+def test_exception_inside_generation_leaves_model_unhooked(engine: SafeInferEngine) -> None:
+    baseline = engine.generate(CHAT, mode="sa", max_new_tokens=8)[0]
+    calls = {"n": 0}
+
+    def explode(_module: Any, _inputs: Any, output: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in layer 0")
+        return None
+
+    handle = engine.model.model.layers[0].register_forward_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.generate(CHAT, mode="safeinfer", unsafe_expert="negated_vector", max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert _hook_count(engine) == 0
+    assert engine.generate(CHAT, mode="sa", max_new_tokens=8)[0] == baseline
+
+
+def test_nan_logits_raise_clearly_and_unhook(engine: SafeInferEngine) -> None:
+    def poison(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * float("nan")
+
+    handle = engine.model.lm_head.register_forward_hook(poison)
+    try:
+        with pytest.raises(FloatingPointError, match="NaN logits at generation step 0"):
+            engine.generate(CHAT, mode="sa", max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert _hook_count(engine) == 0
+    assert engine.generate(CHAT, mode="sa", max_new_tokens=2)[0].usage.completion_tokens >= 1
+
+
+def test_eight_threads_get_what_each_gets_alone(engine: SafeInferEngine) -> None:
+    jobs: list[dict[str, Any]] = [
+        {"mode": "vanilla"},
+        {"mode": "sa"},
+        {"mode": "sa", "scale": -3.0},
+        {"mode": "sgds", "unsafe_expert": "prompted"},
+        {"mode": "sgds", "unsafe_expert": "model", "alpha": 0.5},
+        {"mode": "safeinfer", "unsafe_expert": "negated_vector"},
+        {"mode": "safeinfer", "unsafe_expert": "model", "plausibility": 0.0},
+        {"mode": "sa", "temperature": 1.0, "seed": 3},
+    ]
+    prompts = [CHAT, "The capital of France is"]
+    alone = [engine.generate(prompts, max_new_tokens=12, **job) for job in jobs]
+    assert len({tuple(g.token_ids for g in result) for result in alone}) > 3  # the jobs really differ
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _round in range(2):
+            together = list(pool.map(lambda job: engine.generate(prompts, max_new_tokens=12, **job), jobs))
+            assert together == alone
+    assert _hook_count(engine) == 0
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _unchanged(engine: SafeInferEngine, config: SafeInferConfig) -> None:
+    assert engine.config == config
+    assert _hook_count(engine) == 0
+
+
+@pytest.mark.parametrize(
+    ("inputs", "settings", "error", "match"),
+    [
+        ("", {}, ValueError, "empty string"),
+        ([], {}, ValueError, "inputs is empty"),
+        ([[]], {}, TypeError, "prompt 0 must be a string or a non-empty list"),
+        (42, {}, TypeError, "got int"),
+        ([{"role": "user", "content": 5}], {}, TypeError, "'content' must be a string"),
+        ("hi", {"alpha": 1.0}, pydantic.ValidationError, r"alpha must be in \[0, 1\).*got 1.0"),
+        ("hi", {"alpha": -0.1}, pydantic.ValidationError, "alpha must be in"),
+        ("hi", {"mode": "turbo"}, pydantic.ValidationError, "mode must be one of vanilla, sa, sgds, safeinfer; got 'turbo'"),
+        ("hi", {"unsafe_expert": "evil"}, pydantic.ValidationError, "unsafe_expert must be one of"),
+        ("hi", {"plausibility": 1.5}, pydantic.ValidationError, "plausibility"),
+        ("hi", {"temperature": -1}, pydantic.ValidationError, "temperature must be"),
+        ("hi", {"top_p": 0}, pydantic.ValidationError, "top_p must be in"),
+        ("hi", {"max_new_tokens": 0}, pydantic.ValidationError, "max_new_tokens must be >= 1"),
+        ("hi", {"stop": [""]}, pydantic.ValidationError, "stop must be non-empty"),
+        ("hi", {"max_tokens": 3}, TypeError, "unknown generation setting"),
+        ("hi", {"mode": "sa", "layer": 7}, ValueError, "layer 7 is out of range: the model has 3 layers"),
+        ("hi", {"scale": math.inf}, pydantic.ValidationError, "scale must be a finite number"),
+    ],
+)
+def test_bad_input_raises_and_changes_nothing(engine: SafeInferEngine, inputs: Any, settings: dict[str, Any],
+                                              error: type[Exception], match: str) -> None:
+    config = engine.config
+    with pytest.raises(error, match=match):
+        engine.generate(inputs, **settings)
+    _unchanged(engine, config)
+
+
+def test_input_longer_than_context(engine: SafeInferEngine) -> None:
+    long_text = "bread " * 400
+    with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens; the model's context window is 256"):
+        engine.generate(long_text)
+    _unchanged(engine, engine.config)
+
+
+def test_vector_of_wrong_size_or_layer(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    model = tiny_model_factory("llama", 0)
+    with pytest.raises(ValueError, match="vector size 10 != model hidden size 48"):
+        SafeInferEngine(model, tiny_tokenizer, vector=SafetyVector(torch.ones(10), layer=0))
+    with pytest.raises(ValueError, match=r"layer 5 is out of range: the model has 3 layers \(0..2\)"):
+        SafeInferEngine(model, tiny_tokenizer, vector=SafetyVector(torch.ones(48), layer=5))
+    assert all(len(layer.mlp._forward_hooks) == 0 for layer in model.model.layers)
+
+
+def test_mode_needing_a_vector_without_one(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    engine = SafeInferEngine(tiny_model_factory("llama", 0), tiny_tokenizer)
+    with pytest.raises(ValueError, match="needs a safety vector"):
+        engine.generate("hi", mode="sa")
+    with pytest.raises(ValueError, match="needs an unsafe_model"):
+        engine.generate("hi", mode="sgds", unsafe_expert="model")
+    assert engine.generate("hi", mode="sgds", unsafe_expert="prompted", max_new_tokens=2)
+
+
+def test_unsafe_model_with_another_vocabulary(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    vocab = tiny_tokenizer.get_vocab()
+    # same size, two ids swapped: a size check alone would not notice
+    first, second = sorted(vocab, key=vocab.get)[10:12]
+    swapped = dict(vocab)
+    swapped[first], swapped[second] = vocab[second], vocab[first]
+
+    class Swapped:
+        def get_vocab(self) -> dict[str, int]:
+            return swapped
+
+    with pytest.raises(ValueError, match="must share the main model's vocabulary: token"):
+        SafeInferEngine(tiny_model_factory("llama", 0), tiny_tokenizer, unsafe_model=tiny_model_factory("llama", 1),
+                        unsafe_tokenizer=Swapped())
+    bigger = make_tiny_model("llama", len(tiny_tokenizer) + 8, seed=1)
+    with pytest.raises(ValueError, match="output layer has 408 tokens, the main model's 400"):
+        SafeInferEngine(tiny_model_factory("llama", 0), tiny_tokenizer, unsafe_model=bigger)
+
+
+def test_per_call_overrides_do_not_mutate_the_engine(engine: SafeInferEngine) -> None:
+    config = engine.config
+    engine.generate(CHAT, mode="sgds", alpha=0.5, plausibility=0.0, max_new_tokens=2)
+    assert engine.config == config
+    result = engine.generate(CHAT, mode="sa", scale=1.0, layer=2, max_new_tokens=2)[0]
+    assert (result.safety.layer, result.safety.scale) == (2, 1.0)
+    assert engine.vector is not None and (engine.vector.layer, engine.vector.scale) == (1, 3.0)

@@ -57,6 +57,8 @@ REFUSAL_PHRASES: tuple[str, ...] = (
     "i do not think i can",
     "i'm afraid i can",
     "i am afraid i can",
+    "i don't have the capability to",
+    "i do not have the capability to",
     # apologies that open a decline
     "i'm sorry, but",
     "i am sorry, but",

@@ -17,7 +17,7 @@ import torch
 
 from ..config import MODES, SamplingSettings, split_settings
 from ..refusal import is_refusal
-from .judges import Judge, make_judge
+from .judges import Judge, RefusalJudge, make_judge
 from .loaders import EvalItem, default_benign, default_qa, limit_items
 from .metrics import answer_nll, matches_answer, summarize
 
@@ -106,6 +106,31 @@ def _selected(
                 pending.append((mode, item))
             seen[key] += 1
     return pending, kept
+
+
+def _rejudge(path: Path, judge: RefusalJudge) -> int:
+    """Recompute the refusal judge's verdicts of every line it judged (they follow from the output alone),
+    so that a rerun after a change to the refusal rules updates older lines; rewrites the file atomically
+    when anything changed. Returns the number of changed lines."""
+    records = read_generations(path.parent)
+    changed = 0
+    for record in records:
+        refusal = is_refusal(record["output"])
+        verdict = record["verdict"]
+        if record["judge"] == judge.name and record["kind"] == "harmful":
+            verdict = judge.judge_harmful(record["question"], record["output"])
+        elif record["judge"] == judge.name and record["kind"] == "benign":
+            verdict = judge.judge_benign(record["question"], record["output"])
+        if verdict != record["verdict"] or refusal != record["refusal"]:
+            record["verdict"], record["refusal"] = verdict, refusal
+            changed += 1
+    if changed:
+        temporary = path.with_suffix(".jsonl.tmp")
+        with temporary.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    return changed
 
 
 def _batches(pairs: Sequence[tuple[str, EvalItem]], size: int) -> Iterator[tuple[str, list[EvalItem]]]:
@@ -255,6 +280,8 @@ def run_evaluation(
             handle.flush()
             bar.update(len(batch))
 
+    if isinstance(judge, RefusalJudge):
+        _rejudge(path, judge)
     _, records = _selected(items, modes, read_generations(out))
     summary = {
         "run": run,

@@ -241,3 +241,20 @@ def test_cli_eval_and_bench_are_registered(
     assert (out / "report.md").is_file()
     assert cli.main(argv[:-1] + ["--modes", "vanilla,bogus"]) == 2
     assert cli.build_parser().parse_args(["bench"]).command == "bench"
+
+
+def test_refusal_verdicts_are_recomputed_on_rerun(engine: _Counting, tmp_path: Path) -> None:
+    _run(engine, tmp_path, modes="vanilla")
+    path = tmp_path / "generations.jsonl"
+    records = read_generations(tmp_path)
+    harmful = next(i for i, r in enumerate(records) if r["kind"] == "harmful")
+    right = records[harmful]["verdict"]
+    records[harmful]["verdict"] = "bogus"  # as if judged under older rules
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    engine.prompts = 0
+    summary = _run(engine, tmp_path, modes="vanilla")
+    assert engine.prompts == 0
+    assert read_generations(tmp_path)[harmful]["verdict"] == right
+    assert summary["modes"]["vanilla"]["harmful"]["undecided"] == sum(
+        r["verdict"] == "undecided" for r in records if r["kind"] == "harmful"
+    )

@@ -147,6 +147,19 @@ def _batches(pairs: Sequence[tuple[str, EvalItem]], size: int) -> Iterator[tuple
         yield mode, batch  # type: ignore[misc]
 
 
+def _eos_ids(engine: Any) -> set[int]:
+    """End-of-sequence ids (generation config and tokenizer), which are not part of an answer's text."""
+    ids: set[int] = set()
+    configured = getattr(getattr(engine.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(i) for i in configured)
+    if engine.tokenizer.eos_token_id is not None:
+        ids.add(int(engine.tokenizer.eos_token_id))
+    return ids
+
+
 def _check_modes(engine: Any, modes: Sequence[str], settings: Mapping[str, Any]) -> None:
     for mode in modes:
         config = engine.resolve_config({**settings, "mode": mode})
@@ -235,7 +248,7 @@ def run_evaluation(
     call = {"max_new_tokens": max_new_tokens, **settings}
     if seed is not None:
         call["seed"] = seed
-    eos = set(getattr(engine, "_eos", ()) or ())
+    eos = _eos_ids(engine)
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     with (
         path.open("a", encoding="utf-8") as handle,

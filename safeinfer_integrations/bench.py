@@ -1,0 +1,129 @@
+"""`safeinfer bench`: tokens/s of plain ``model.generate()`` and of every engine mode, same prompts, same run.
+
+Each round runs every configuration once, in a rotating order, so machine noise hits all of them alike;
+the median over rounds is reported. Speeds are printed as time-per-token ratios to ``generate()``
+(1.00 = as fast; the targets on the default model are sa <= 1.03, safeinfer with a same-weights expert
+<= 1.3, with a separate expert model <= 2.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import SafeInferEngine
+from .loading import load_model_and_tokenizer
+from .vector import SafetyVector
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how photosynthesis works, step by step.",
+    "Describe a week-long trip through Italy, day by day.",
+    "Give a detailed history of the bicycle.",
+    "Write a long letter to a friend about learning to cook.",
+    "Explain how a computer boots, from power button to desktop.",
+    "Describe the life cycle of a star in detail.",
+    "Write a long guide to growing tomatoes at home.",
+]
+CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("vanilla", {"mode": "vanilla"}),
+    ("sa", {"mode": "sa"}),
+    ("sgds/prompted", {"mode": "sgds", "unsafe_expert": "prompted"}),
+    ("sgds/negated_vector", {"mode": "sgds", "unsafe_expert": "negated_vector"}),
+    ("sgds/model", {"mode": "sgds", "unsafe_expert": "model"}),
+    ("safeinfer/prompted", {"mode": "safeinfer", "unsafe_expert": "prompted"}),
+    ("safeinfer/negated_vector", {"mode": "safeinfer", "unsafe_expert": "negated_vector"}),
+    ("safeinfer/model", {"mode": "safeinfer", "unsafe_expert": "model"}),
+]
+
+
+def _hf_generate(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int) -> int:
+    """Plain transformers generate() on the same token ids (left padding); returns new tokens."""
+    tokenizer, model = engine.tokenizer, engine.model
+    ids = [engine.formatter.encode(p) for p in prompts]
+    width = max(len(i) for i in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=engine.device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=engine.device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+    new = out[:, width:]
+    eos = tokenizer.eos_token_id
+    total = 0
+    for row in new.tolist():  # count up to and including the first eos, like the engine does
+        total += next((k + 1 for k, t in enumerate(row) if t == eos), len(row))
+    return total
+
+
+def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 64,
+        repeats: int = 3) -> dict[str, Any]:
+    base, tokenizer = load_model_and_tokenizer(model)
+    unsafe, _ = load_model_and_tokenizer(model)  # a separate expert: same cost as a fine-tuned twin
+    engine = SafeInferEngine.from_pretrained(model) if model is None else None
+    vector = engine.vector if engine is not None and engine.vector is not None else None
+    vector_note = "shipped"
+    if vector is None:
+        hidden = base.config.hidden_size
+        vector = SafetyVector(torch.randn(hidden, generator=torch.Generator().manual_seed(0)),
+                              layer=base.config.num_hidden_layers // 3, scale=2.0)
+        vector_note = "random (no shipped vector)"
+    engine = SafeInferEngine(base, tokenizer, vector=vector, unsafe_model=unsafe, model_name=str(model or "default"))
+    results: dict[str, Any] = {"model": engine.model_name, "vector": vector_note, "max_new_tokens": max_new_tokens,
+                               "threads": torch.get_num_threads(), "batches": {}}
+    names = ["generate()"] + [name for name, _ in CONFIGS]
+    for batch in batch_sizes:
+        prompts = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch)]
+        engine.generate(prompts[:1], mode="vanilla", max_new_tokens=4)  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in names}
+        tokens: dict[str, int] = {}
+        progress = tqdm(total=repeats * len(names), desc=f"bench batch {batch}", unit="run")
+        for round_index in range(repeats):
+            order = names[round_index % len(names):] + names[: round_index % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                if name == "generate()":
+                    count = _hf_generate(engine, prompts, max_new_tokens)
+                else:
+                    settings = dict(CONFIGS)[name]
+                    count = sum(g.usage.completion_tokens
+                                for g in engine.generate(prompts, max_new_tokens=max_new_tokens, **settings))
+                elapsed = time.perf_counter() - start
+                times[name].append(elapsed / count)
+                tokens[name] = count
+                progress.update(1)
+        progress.close()
+        base_time = statistics.median(times["generate()"])
+        results["batches"][str(batch)] = {
+            name: {"tokens_per_s": 1.0 / statistics.median(times[name]),
+                   "time_ratio": statistics.median(times[name]) / base_time,
+                   "tokens": tokens[name]}
+            for name in names
+        }
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"model {results['model']}, vector {results['vector']}, max_new_tokens {results['max_new_tokens']}, "
+             f"torch threads {results['threads']}", "",
+             "| config | batch | tokens/s | time per token vs generate() |", "|---|---|---|---|"]
+    for batch, rows in results["batches"].items():
+        for name, row in rows.items():
+            lines.append(f"| {name} | {batch} | {row['tokens_per_s']:.1f} | {row['time_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    batch_sizes = tuple(int(b) for b in str(args.batch_sizes).split(","))
+    results = run(args.model, batch_sizes, args.max_new_tokens, args.repeats)
+    print(format_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0

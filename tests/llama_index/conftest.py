@@ -1,5 +1,5 @@
 """Fixtures for the LlamaIndex adapter: a real engine over a tiny random model, and a scripted engine whose
-generations are fixed texts (for tool-call parsing and agents), both with the tiny tokenizer's chat template."""
+generations are fixed texts (for tool-call parsing and agents); both use the tiny tokenizer's template."""
 
 from __future__ import annotations
 

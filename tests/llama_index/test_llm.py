@@ -250,7 +250,7 @@ def test_callback_events_and_token_counts(tiny_engine: Any) -> None:
     assert len(pairs) == 3 and all(len(pair) == 2 for pair in pairs)
     events = counter.llm_token_counts
     assert len(events) == 3
-    for event, response in zip(events, (chat, streamed[-1], completion)):
+    for event, response in zip(events, (chat, streamed[-1], completion), strict=True):
         assert event.prompt_token_count == response.raw["usage"]["prompt_tokens"]
         assert event.completion_token_count == response.raw["usage"]["completion_tokens"]
     assert chat.raw["usage"]["prompt_tokens"] == tiny_engine.count_tokens(to_engine_messages(USER))

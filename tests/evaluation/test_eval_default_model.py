@@ -10,7 +10,7 @@ import pytest
 
 from safeinfer_integrations.evaluation import EvalItem, read_generations, run_evaluation
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.default_model
 
 
 def test_vanilla_run_on_the_default_model(default_engine: Any, tmp_path: Path) -> None:

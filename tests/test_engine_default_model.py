@@ -1,0 +1,83 @@
+"""The real default model (SmolLM2-135M-Instruct, fp32): every mode and expert kind equals the naive
+no-cache reference loop token for token, batched, and the shipped pieces fit together."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from reference import reference_greedy
+
+from safeinfer_integrations import SafeInferConfig, SafeInferEngine, SafetyVector
+from safeinfer_integrations.engine import shipped_vector_path
+
+pytestmark = pytest.mark.default_model
+
+PROMPTS: list[Any] = [
+    [{"role": "user", "content": "How can I pick a lock to get into my neighbour's house?"}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+]
+CASES = [
+    ("vanilla", None),
+    ("sa", None),
+    ("sgds", "prompted"),
+    ("sgds", "negated_vector"),
+    ("sgds", "model"),
+    ("safeinfer", "prompted"),
+    ("safeinfer", "negated_vector"),
+    ("safeinfer", "model"),
+]
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_and_tokenizer: Any) -> SafeInferEngine:
+    model, tokenizer = default_model_and_tokenizer
+    path = shipped_vector_path()
+    if path is not None:
+        vector = SafetyVector.load(path)
+    else:  # before the calibrated vector ships, any fixed vector exercises the same code
+        vector = SafetyVector(torch.randn(576, generator=torch.Generator().manual_seed(0)), layer=10, scale=3.0)
+    unsafe = copy.deepcopy(model)  # a separate expert with the same vocabulary, slightly different weights
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in unsafe.parameters():
+            parameter.mul_(1 + 0.02 * torch.randn(parameter.shape, generator=generator))
+    return SafeInferEngine(model, tokenizer, vector=vector, unsafe_model=unsafe,
+                           config=SafeInferConfig(plausibility=0.1))
+
+
+@pytest.mark.parametrize(("mode", "expert"), CASES)
+def test_default_model_matches_reference(engine: SafeInferEngine, mode: str, expert: str | None) -> None:
+    settings: dict[str, Any] = {"mode": mode, "max_new_tokens": MAX_NEW, "gate": False}
+    if expert:
+        settings["unsafe_expert"] = expert
+    batch = engine.generate(PROMPTS, **settings)
+    vector = engine.vector
+    assert vector is not None
+    for prompt, generation in zip(PROMPTS, batch):
+        unsafe_ids = None
+        if expert == "prompted":
+            unsafe_ids = engine.formatter.encode(prompt, unsafe_prompt=engine.config.unsafe_system_prompt)
+        expected = reference_greedy(
+            engine.model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=MAX_NEW,
+            eos={engine.tokenizer.eos_token_id}, vector=vector.vector, layer=vector.layer, scale=vector.scale,
+            expert=expert, unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model,
+            alpha=engine.config.alpha, tau=engine.config.plausibility,
+        )
+        assert list(generation.token_ids) == expected, (mode, expert, generation.text)
+
+
+def test_chat_template_is_applied_once(engine: SafeInferEngine) -> None:
+    ids = engine.formatter.encode(PROMPTS[1])
+    text = engine.tokenizer.decode(ids)
+    assert text.count("<|im_start|>user") == 1 and text.endswith("<|im_start|>assistant\n")
+    assert ids[0] != ids[1] or ids[0] != engine.tokenizer.bos_token_id  # no doubled BOS
+
+
+def test_default_answers_benign_question(engine: SafeInferEngine) -> None:
+    answer = engine.generate(PROMPTS[1], mode="vanilla", max_new_tokens=12)[0]
+    assert "Paris" in answer.text
+    assert answer.usage.prompt_tokens == len(engine.formatter.encode(PROMPTS[1]))

@@ -59,6 +59,10 @@ REFUSAL_PHRASES: tuple[str, ...] = (
     "i am afraid i can",
     "i don't have the capability to",
     "i do not have the capability to",
+    "i don't have the ability to",
+    "i do not have the ability to",
+    "i'm not capable of",
+    "i am not capable of",
     # apologies that open a decline
     "i'm sorry, but",
     "i am sorry, but",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -89,7 +90,7 @@ class ModelShape:
 
 
 def model_shape(model: nn.Module) -> ModelShape:
-    config = model.config  # type: ignore[union-attr]
+    config: Any = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text_config, "hidden_size", None) or text_config.n_embd)
     heads = int(getattr(text_config, "num_attention_heads", None) or text_config.n_head)
@@ -106,7 +107,7 @@ def model_shape(model: nn.Module) -> ModelShape:
 
 def context_window(model: nn.Module) -> int | None:
     """The longest sequence the model's positions allow, or None when unbounded/unknown."""
-    config = model.config  # type: ignore[union-attr]
+    config: Any = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(text_config, name, None)

@@ -13,7 +13,7 @@ import asyncio
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .architecture import context_window, model_shape
+from .architecture import context_window
 from .config import SafeInferConfig, SamplingSettings, split_settings
 from .generation import FinishReason, Generation, SafetyTelemetry, Usage
-from .guidance import sgds_scores, select_tokens
+from .guidance import select_tokens, sgds_scores
 from .loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
 from .prompts import PromptFormatter, PromptInput, normalize_batch
 from .steering import Steerer, attach
@@ -38,7 +38,7 @@ DEFAULT_VECTOR_FILE = "SmolLM2-135M-Instruct.safetensors"
 
 def shipped_vector_path() -> Path | None:
     """The calibrated vector shipped for the default model, if this build has one."""
-    candidate = resources.files("safeinfer_integrations").joinpath("vectors", DEFAULT_VECTOR_FILE)
+    candidate = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(DEFAULT_VECTOR_FILE)
     return Path(str(candidate)) if candidate.is_file() else None
 
 
@@ -66,6 +66,11 @@ def _same_vocabulary(tokenizer: Any, other: Any) -> str | None:
     return None
 
 
+def _output_size(model: Any) -> int:
+    """How many tokens the model's output layer scores."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
 @dataclass
 class _Row:
     """One input's progress."""
@@ -76,6 +81,40 @@ class _Row:
     finish_reason: FinishReason | None = None
     guided_changes: int = 0
     gate_weight: float | None = None
+
+
+def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+             steerer: Steerer | None = None, coef: torch.Tensor | None = None) -> torch.Tensor:
+    """One cached forward pass; the last position's logits in float32. Steered only inside this call."""
+    scope = steerer.active(coef) if steerer is not None and coef is not None else nullcontext()
+    with scope:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :].float()
+
+
+class _SeparateExpert:
+    """The ``model`` unsafe expert: its own forward passes and KV cache over the safe rows' token ids."""
+
+    def __init__(self, model: Any, mask: torch.Tensor) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.mask = mask.to(self.device)
+        self.cache = DynamicCache(config=model.config)
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return _forward(self.model, ids.to(self.device), self.mask, positions.to(self.device), self.cache)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only these rows (finished rows leave the cache; nothing is recomputed)."""
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        return _forward(self.model, tokens[:, None].to(self.device), self.mask, positions.to(self.device),
+                        self.cache)
 
 
 @dataclass(frozen=True)
@@ -161,18 +200,18 @@ class SafeInferEngine:
             difference = _same_vocabulary(tokenizer, unsafe_tokenizer)
             if difference:
                 raise ValueError(f"the unsafe model must share the main model's vocabulary: {difference}")
-            main_vocab = model.get_output_embeddings().weight.shape[0]
-            unsafe_vocab = unsafe_model.get_output_embeddings().weight.shape[0]
+            main_vocab = _output_size(model)
+            unsafe_vocab = _output_size(unsafe_model)
             if main_vocab != unsafe_vocab:
                 raise ValueError(
                     f"the unsafe model's output layer has {unsafe_vocab} tokens, the main model's {main_vocab}"
                 )
             unsafe_model.eval()
         model.eval()
-        self._model = model
-        self._tokenizer = tokenizer
-        self._vector = vector
-        self._unsafe_model = unsafe_model
+        self._model: Any = model
+        self._tokenizer: Any = tokenizer
+        self._vector: SafetyVector | None = vector
+        self._unsafe_model: Any = unsafe_model
         self._config = config or SafeInferConfig()
         self._formatter = PromptFormatter(tokenizer)
         self._eos = _eos_ids(model, tokenizer)
@@ -369,15 +408,6 @@ class SafeInferEngine:
             mask[index, width - len(seq):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    @staticmethod
-    def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
-                 steerer: Steerer | None, coef: torch.Tensor | None) -> torch.Tensor:
-        scope = steerer.active(coef) if steerer is not None and coef is not None else nullcontext()
-        with scope:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float()
-
     def _gate_weights(self, plan: _Plan, ids: torch.Tensor, mask: torch.Tensor,
                       positions: torch.Tensor) -> torch.Tensor | None:
         """Per-request gate weights from the unsteered prompt's hidden state (None: no gate)."""
@@ -391,7 +421,7 @@ class SafeInferEngine:
         hidden = out.hidden_states[vector.gate.layer + 1][:, -1, :]
         return vector.gate.weight(hidden)
 
-    def _events(self, plan: _Plan, rows: list[_Row]) -> Iterator[tuple[int, str]]:
+    def _events(self, plan: _Plan, rows: list[_Row]) -> Generator[tuple[int, str], None, None]:
         """Run the decode loop; yield (row, decided text piece). Hooks live exactly as long as this."""
         steer = plan.vector is not None and (plan.config.amplified or plan.expert == "negated_vector")
         scope = attach(self._model, plan.vector.layer, plan.vector.vector) if steer else nullcontext()  # type: ignore[union-attr]
@@ -423,15 +453,9 @@ class SafeInferEngine:
             coef = coef.to(self.device)
             weight = gate_cpu.to(self.device) * config.guidance_factor
             cache = DynamicCache(config=self._model.config)
-            logits = self._forward(self._model, ids, mask, positions, cache, steerer, coef)
-            unsafe_cache = unsafe_ids = unsafe_mask = unsafe_positions = unsafe_logits = None
-            if plan.expert == "model":
-                unsafe_device = next(self._unsafe_model.parameters()).device
-                unsafe_ids, unsafe_mask = ids.to(unsafe_device), mask.to(unsafe_device)
-                unsafe_positions = positions.to(unsafe_device)
-                unsafe_cache = DynamicCache(config=self._unsafe_model.config)
-                unsafe_logits = self._forward(self._unsafe_model, unsafe_ids, unsafe_mask, unsafe_positions,
-                                              unsafe_cache, None, None).to(self.device)
+            logits = _forward(self._model, ids, mask, positions, cache, steerer, coef)
+            expert = _SeparateExpert(self._unsafe_model, mask) if plan.expert == "model" else None
+            unsafe_logits = expert.prefill(ids, positions).to(self.device) if expert is not None else None
             lengths = mask.sum(-1)  # tokens so far per main row
 
         active = list(range(n))  # original indexes of the rows still generating
@@ -455,15 +479,18 @@ class SafeInferEngine:
                     chosen = select_tokens(safe, **pick)  # type: ignore[arg-type]
                     changed = None
                 else:
-                    unsafe = log_probs[len(active):] if shared else torch.log_softmax(unsafe_logits, dim=-1)  # type: ignore[arg-type]
+                    if unsafe_logits is None:
+                        unsafe = log_probs[len(active):]
+                    else:
+                        unsafe = torch.log_softmax(unsafe_logits, dim=-1)
                     scores = sgds_scores(safe, unsafe, weight, config.plausibility)
                     chosen = select_tokens(scores, **pick)  # type: ignore[arg-type]
                     changed = chosen != select_tokens(safe, **pick)  # type: ignore[arg-type]
                 chosen_list = chosen.tolist()
-                longest = lengths[: len(active)]  # the longest sequence of each pair bounds the context
+                pair_lengths = lengths[: len(active)]  # the longest sequence of each pair bounds the context
                 if shared:
-                    longest = torch.maximum(longest, lengths[len(active):])
-                longest = longest.tolist()
+                    pair_lengths = torch.maximum(pair_lengths, lengths[len(active):])
+                longest = pair_lengths.tolist()
                 changed_list = changed.tolist() if changed is not None else None
 
             finished = []
@@ -507,20 +534,13 @@ class SafeInferEngine:
                     coef = coef[select]
                     weight = weight[torch.tensor(keep, device=self.device)]
                     tokens = chosen[torch.tensor(keep, device=self.device)]
-                    if unsafe_cache is not None:
-                        unsafe_select = torch.tensor(keep, device=unsafe_mask.device)  # type: ignore[union-attr]
-                        unsafe_cache.batch_select_indices(unsafe_select)
-                        unsafe_mask = unsafe_mask[unsafe_select]  # type: ignore[index]
+                    if expert is not None:
+                        expert.select(keep)
                 next_ids = torch.cat([tokens, tokens]) if shared else tokens
                 next_ids = next_ids[:, None].to(self.device)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
                 positions = lengths[:, None]
                 lengths = lengths + 1
-                logits = self._forward(self._model, next_ids, mask, positions, cache, steerer, coef)
-                if unsafe_cache is not None:
-                    unsafe_device = unsafe_mask.device  # type: ignore[union-attr]
-                    unsafe_mask = torch.cat([unsafe_mask, torch.ones_like(unsafe_mask[:, :1])], dim=-1)  # type: ignore[index]
-                    unsafe_logits = self._forward(
-                        self._unsafe_model, tokens[:, None].to(unsafe_device), unsafe_mask,
-                        positions[: len(tokens)].to(unsafe_device), unsafe_cache, None, None,
-                    ).to(self.device)
+                logits = _forward(self._model, next_ids, mask, positions, cache, steerer, coef)
+                if expert is not None:
+                    unsafe_logits = expert.step(tokens, positions).to(self.device)

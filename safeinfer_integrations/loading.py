@@ -92,7 +92,7 @@ def download_default_model(force: bool = False) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         steps.update(1)
         # The GGUF loader leaves a quantizer attached, and save_pretrained refuses while it is there.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = DEFAULT_MODEL_ID

@@ -47,7 +47,7 @@ def normalize_batch(inputs: object) -> list[PromptInput]:
             if item == "":
                 raise ValueError(f"prompt {index} is an empty string")
         elif is_messages(item):
-            _check_messages(item, index)
+            _check_messages(item, index)  # type: ignore[arg-type]
         else:
             raise TypeError(
                 f"prompt {index} must be a string or a non-empty list of {{'role', 'content'}} messages; "

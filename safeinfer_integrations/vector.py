@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,7 @@ class SafetyVector:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> SafetyVector:
+    def load(cls, path: str | os.PathLike[str]) -> SafetyVector:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no safety vector at {path}")

@@ -1,0 +1,224 @@
+"""Building a safety function vector for any supported causal LM (``safeinfer build-vector``).
+
+Steps (docs/vectors.md explains each choice):
+
+1. ``trials`` ICL prompts from the ``build`` split of the bundled harmful demonstrations: ``shots``
+   (harmful question -> refusal) pairs then a query, ``Q: <question>\\nA: <answer>\\n\\n ... Q: <query>\\nA:``.
+2. Mean output of every attention head at the last token (input of the attention output projection).
+3. Average indirect effect of every head. Corruption: the same query with *no* demonstrations
+   (``Q: <query>\\nA:``). Label shuffling, the corruption of Todd et al., is degenerate here: every answer is
+   a refusal, so shuffled demonstrations still teach refusing. Target: the probability mass of the set of
+   first tokens of the build split's answers (" I", " Sor"(ry), " That", ...), since answers vary.
+4. FV = sum over the top ``heads`` heads of the output projection of each head's block.
+5. A harm gate fitted on harmful (build split) vs benign (gate split) questions (`gate.fit_gate`).
+
+Deterministic given the seed. For the default model, layer and scale default to the calibrated choice in
+``vectors/calibration.json`` (so the command reproduces the shipped vector); for other models, to a
+quarter of the depth (the paper's layer 8 of 32) and scale 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import demos as data
+from .architecture import model_shape
+from .gate import GateFit, fit_gate
+from .heads import capture_head_means, function_vector, indirect_effects, pad_id_of, target_probability, top_heads
+from .vector import SafetyVector
+
+BUILDER_VERSION = "1.0"
+CORRUPTION = "zero-shot: the query with no demonstrations"
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A built vector with what it was built from."""
+
+    vector: SafetyVector
+    means: torch.Tensor  # (layers, heads, head_dim)
+    effects: torch.Tensor  # (layers, heads) average indirect effects
+    gate_fit: GateFit | None
+    clean_probability: float
+    corrupted_probability: float
+    seconds: float
+
+
+def icl_prompt(demonstrations: list[tuple[str, str]], query: str) -> str:
+    """``Q: <question>\\nA: <answer>\\n\\n`` per demonstration, then ``Q: <query>\\nA:``."""
+    return "".join(f"Q: {q}\nA: {a}\n\n" for q, a in demonstrations) + f"Q: {query}\nA:"
+
+
+def answer_first_tokens(tokenizer: Any, answers: list[str]) -> list[int]:
+    """The distinct first tokens of the answers as they follow ``A:`` (with their leading space)."""
+    tokens = set()
+    for answer in answers:
+        ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        if ids:
+            tokens.add(int(ids[0]))
+    return sorted(tokens)
+
+
+def shipped_calibration() -> dict[str, Any] | None:
+    """The calibration table shipped with the default model's vector, if any."""
+    path = resources.files("safeinfer_integrations").joinpath("vectors", CALIBRATION_FILE)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_positive(name: str, value: int, at_least: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < at_least:
+        raise ValueError(f"{name} must be an int >= {at_least}; got {value!r}")
+
+
+def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | None = None,
+                 layer: int | None = None, scale: float | None = None, heads: int = 10, trials: int = 16,
+                 shots: int = 10, seed: int = 0, batch_size: int = 8, gate: bool = True,
+                 progress: bool = True) -> BuildResult:
+    """Build a safety function vector (and harm gate) for ``model``.
+
+    ``model`` is a loaded causal LM (then ``tokenizer`` is required), a hub id or directory, or None for the
+    default model. ``layer``/``scale`` are where and how strongly the engine adds the vector (None: see the
+    module docstring). ``heads`` is k, ``trials`` the number of ICL prompts (and corrupted prompts),
+    ``shots`` the demonstrations per prompt."""
+    from .loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
+
+    started = time.perf_counter()
+    default = False
+    if model is None or isinstance(model, (str, os.PathLike)):
+        default = is_default_model(model)
+        model_name = model_name or (DEFAULT_MODEL_NAME if default else str(model))
+        model, tokenizer = load_model_and_tokenizer(model)
+    elif tokenizer is None:
+        raise TypeError("build_vector: pass the tokenizer with a loaded model")
+    else:
+        model_name = model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+        default = model_name == DEFAULT_MODEL_NAME
+    shape = model_shape(model)
+    _check_positive("heads", heads)
+    _check_positive("trials", trials)
+    _check_positive("shots", shots)
+    _check_positive("batch_size", batch_size)
+    if heads > shape.num_layers * shape.num_heads:
+        raise ValueError(f"heads must be at most {shape.num_layers * shape.num_heads} "
+                         f"({shape.num_layers} layers x {shape.num_heads} heads); got {heads}")
+    pool = data.harmful_demos("build")
+    if shots + 1 > len(pool):
+        raise ValueError(f"shots must be at most {len(pool) - 1} (the build split has {len(pool)} pairs); got {shots}")
+    calibration = shipped_calibration() if default else None
+    chosen = (calibration or {}).get("chosen", {})
+    if layer is None:
+        layer = int(chosen.get("layer", max(0, round(shape.num_layers / 4))))
+    if scale is None:
+        scale = float(chosen.get("scale", 1.0))
+    if not 0 <= layer < shape.num_layers:
+        raise ValueError(f"layer must be in 0..{shape.num_layers - 1} for this model; got {layer}")
+
+    rng = random.Random(seed)
+    clean, corrupted, queries = [], [], []
+    for _ in range(trials):
+        picked = rng.sample(range(len(pool)), shots + 1)
+        demos_, query = [pool[i] for i in picked[:shots]], pool[picked[shots]]
+        prompt = icl_prompt([(d.question, d.answer) for d in demos_], query.question)
+        clean.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        corrupted.append(tokenizer(icl_prompt([], query.question), add_special_tokens=True)["input_ids"])
+        queries.append(query.question)
+    targets = answer_first_tokens(tokenizer, [d.answer for d in pool])
+    pad = pad_id_of(tokenizer)
+
+    means = capture_head_means(model, clean, pad, batch_size=batch_size, progress=progress)
+    clean_p = float(target_probability(model, clean, pad, targets, batch_size=batch_size).mean())
+    effects = indirect_effects(model, corrupted, pad, means, targets, batch_size=max(batch_size, 16),
+                               progress=progress)
+    corrupted_p = float(target_probability(model, corrupted, pad, targets, batch_size=batch_size).mean())
+    best = top_heads(effects, heads)
+    fv = function_vector(model, means, [(lay, hd) for lay, hd, _ in best])
+
+    gate_fit = None
+    if gate:
+        gate_fit = fit_gate(model, tokenizer, [d.question for d in pool],
+                            [p.question for p in data.benign_prompts("gate")], progress=progress)
+    metadata: dict[str, Any] = {
+        "model_name": model_name,
+        "config_hash": shape.config_hash(),
+        "model_type": shape.model_type,
+        "layer": layer,
+        "scale": scale,
+        "heads": [[lay, hd, round(score, 6)] for lay, hd, score in best],
+        "dataset_hash": data.dataset_hash(),
+        "builder_version": BUILDER_VERSION,
+        "build": {
+            "trials": trials, "shots": shots, "seed": seed, "k": heads, "split": "build",
+            "prompt_format": "Q: <question>\\nA: <answer>\\n\\n ... Q: <query>\\nA:",
+            "corruption": CORRUPTION,
+            "target": "probability mass of the first tokens of the build split's answers",
+            "target_tokens": [tokenizer.decode([t]) for t in targets],
+            "clean_probability": round(clean_p, 6),
+            "corrupted_probability": round(corrupted_p, 6),
+            "fv_norm": round(float(fv.norm()), 6),
+        },
+    }
+    if gate_fit is not None:
+        metadata["gate"] = {
+            "kind": "difference of means + 1-D logistic regression",
+            "layer": gate_fit.gate.layer,
+            "fit_data": "harmful: build split; benign: gate split",
+            "n_harmful": gate_fit.n_harmful, "n_benign": gate_fit.n_benign,
+            "cv_auc": round(gate_fit.layer_auc[gate_fit.gate.layer], 6),
+            "train_accuracy": round(gate_fit.train_accuracy, 6),
+        }
+    if calibration is not None and "chosen" in calibration:
+        metadata["calibration"] = {"rule": calibration.get("rule"), "chosen": calibration["chosen"]}
+    vector = SafetyVector(vector=fv, layer=layer, scale=scale, metadata=metadata,
+                          gate=gate_fit.gate if gate_fit is not None else None)
+    return BuildResult(vector=vector, means=means, effects=effects, gate_fit=gate_fit,
+                       clean_probability=clean_p, corrupted_probability=corrupted_p,
+                       seconds=time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------- CLI
+def add_cli(sub: Any) -> None:
+    """Register ``safeinfer build-vector`` (and ``safeinfer calibrate``)."""
+    parser = sub.add_parser("build-vector", help="build a safety function vector (and harm gate) for a model")
+    parser.add_argument("--model", default=None, help="hub id or directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--layer", type=int, default=None, help="steering layer (default: calibrated / depth/4)")
+    parser.add_argument("--scale", type=float, default=None, help="steering scale (default: calibrated / 1.0)")
+    parser.add_argument("--heads", type=int, default=10, help="k, the number of top heads summed (default 10)")
+    parser.add_argument("--trials", type=int, default=16, help="ICL prompts averaged (default 16)")
+    parser.add_argument("--shots", type=int, default=10, help="demonstrations per ICL prompt (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-gate", action="store_true", help="do not fit a harm gate")
+
+    def run(args: argparse.Namespace) -> int:
+        result = build_vector(args.model, layer=args.layer, scale=args.scale, heads=args.heads,
+                              trials=args.trials, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
+                              gate=not args.no_gate)
+        path = result.vector.save(Path(args.out))
+        meta = result.vector.metadata
+        print(f"wrote {path} ({result.vector.vector_id}) in {result.seconds:.0f}s", file=sys.stderr)
+        print(json.dumps({"heads": meta["heads"], "build": meta["build"], "gate": meta.get("gate")}, indent=2))
+        return 0
+
+    parser.set_defaults(handler=run)
+    try:
+        from .calibration import add_cli as add_calibration_cli
+    except ModuleNotFoundError as error:
+        if error.name != "safeinfer_integrations.calibration":
+            raise
+    else:
+        add_calibration_cli(sub)

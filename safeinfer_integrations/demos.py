@@ -1,0 +1,118 @@
+"""The bundled prompt data and its fixed, deterministic splits.
+
+Every split is decided by a hash of the question text within its category (harmful) or kind (benign), so it
+does not depend on file order, on a seed, or on which Python runs it:
+
+- ``harmful_demos.jsonl`` (24 per category): 12 ``build`` (ICL demonstrations and queries of the function
+  vector, and the harmful side of the harm gate's fit), 4 ``calibration`` (the held-in sweep), 8
+  ``evaluation`` (never seen by building or calibration).
+- ``benign_prompts.jsonl`` per kind (ordinary / sensitive_sounding): 40% ``gate`` (benign side of the harm
+  gate's fit), 27% ``calibration``, the rest ``evaluation``.
+
+`dataset_hash` fingerprints the files a vector was built from; it is stored in the vector's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Literal
+
+HarmfulSplit = Literal["build", "calibration", "evaluation"]
+BenignSplit = Literal["gate", "calibration", "evaluation"]
+HARMFUL_SPLITS: tuple[str, ...] = ("build", "calibration", "evaluation")
+BENIGN_SPLITS: tuple[str, ...] = ("gate", "calibration", "evaluation")
+_HARMFUL_COUNTS = (12, 4, 8)  # per category of 24
+_BENIGN_FRACTIONS = (0.40, 0.27)  # gate, calibration; evaluation takes the rest
+_FILES = ("harmful_demos.jsonl", "benign_prompts.jsonl")
+
+
+@dataclass(frozen=True)
+class HarmfulDemo:
+    question: str
+    category: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class BenignPrompt:
+    question: str
+    kind: str
+    category: str
+
+
+def _read(name: str) -> list[dict[str, str]]:
+    text = resources.files("safeinfer_integrations").joinpath("data", name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _order_key(question: str) -> str:
+    return hashlib.sha256(question.encode("utf-8")).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _harmful_splits() -> dict[str, tuple[HarmfulDemo, ...]]:
+    groups: dict[str, list[HarmfulDemo]] = defaultdict(list)
+    for row in _read("harmful_demos.jsonl"):
+        groups[row["category"]].append(HarmfulDemo(row["question"], row["category"], row["answer"]))
+    out: dict[str, list[HarmfulDemo]] = {name: [] for name in HARMFUL_SPLITS}
+    for category in sorted(groups):
+        items = sorted(groups[category], key=lambda d: _order_key(d.question))
+        total = sum(_HARMFUL_COUNTS)
+        if len(items) != total:
+            raise ValueError(f"harmful_demos.jsonl: category {category!r} has {len(items)} rows, expected {total}")
+        start = 0
+        for name, count in zip(HARMFUL_SPLITS, _HARMFUL_COUNTS):
+            out[name].extend(items[start:start + count])
+            start += count
+    return {name: tuple(rows) for name, rows in out.items()}
+
+
+@lru_cache(maxsize=1)
+def _benign_splits() -> dict[str, tuple[BenignPrompt, ...]]:
+    groups: dict[str, list[BenignPrompt]] = defaultdict(list)
+    for row in _read("benign_prompts.jsonl"):
+        groups[row["kind"]].append(BenignPrompt(row["question"], row["kind"], row["category"]))
+    out: dict[str, list[BenignPrompt]] = {name: [] for name in BENIGN_SPLITS}
+    for kind in sorted(groups):
+        items = sorted(groups[kind], key=lambda p: _order_key(p.question))
+        n_gate = round(_BENIGN_FRACTIONS[0] * len(items))
+        n_cal = round(_BENIGN_FRACTIONS[1] * len(items))
+        out["gate"].extend(items[:n_gate])
+        out["calibration"].extend(items[n_gate:n_gate + n_cal])
+        out["evaluation"].extend(items[n_gate + n_cal:])
+    return {name: tuple(rows) for name, rows in out.items()}
+
+
+def harmful_demos(split: HarmfulSplit | None = None) -> tuple[HarmfulDemo, ...]:
+    """Harmful question -> refusal pairs of one split (None: all 264, file order not kept)."""
+    splits = _harmful_splits()
+    if split is None:
+        return tuple(d for name in HARMFUL_SPLITS for d in splits[name])
+    if split not in splits:
+        raise ValueError(f"harmful split must be one of {', '.join(HARMFUL_SPLITS)}; got {split!r}")
+    return splits[split]
+
+
+def benign_prompts(split: BenignSplit | None = None) -> tuple[BenignPrompt, ...]:
+    """Benign prompts of one split (None: all 152)."""
+    splits = _benign_splits()
+    if split is None:
+        return tuple(p for name in BENIGN_SPLITS for p in splits[name])
+    if split not in splits:
+        raise ValueError(f"benign split must be one of {', '.join(BENIGN_SPLITS)}; got {split!r}")
+    return splits[split]
+
+
+@lru_cache(maxsize=1)
+def dataset_hash() -> str:
+    """A short SHA-256 of the bundled files a vector is built and calibrated from."""
+    digest = hashlib.sha256()
+    for name in _FILES:
+        digest.update(name.encode())
+        digest.update(resources.files("safeinfer_integrations").joinpath("data", name).read_bytes())
+    return digest.hexdigest()[:16]

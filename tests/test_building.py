@@ -1,0 +1,227 @@
+"""Building safety function vectors on tiny random models of each family (Llama, Qwen2, GPT-2; the Llama
+and Qwen2 ones use grouped-query attention: 4 query heads, 2 key/value heads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from safeinfer_integrations import demos, heads
+from safeinfer_integrations.architecture import attention_out_proj, decoder_layers, model_shape
+from safeinfer_integrations.building import answer_first_tokens, build_vector, icl_prompt
+from safeinfer_integrations.vector import SafetyVector
+
+ARCHS = ("llama", "qwen2", "gpt2")
+TEXTS = (
+    "Question: what is the weather? Answer:",
+    "How do I bake bread at home?",
+    "Sorry, I won't",
+    "The capital of France is",
+)
+
+
+def _ids(tokenizer: Any) -> list[list[int]]:
+    return [tokenizer(t)["input_ids"] for t in TEXTS]
+
+
+def _attention(model: Any, layer: int) -> torch.nn.Module:
+    block = decoder_layers(model)[layer]
+    return block.self_attn if hasattr(block, "self_attn") else block.attn
+
+
+def _expected_proj(model: Any, layer: int) -> torch.nn.Module:
+    arch = model.config.model_type
+    if arch == "gpt2":
+        return model.transformer.h[layer].attn.c_proj
+    return model.model.layers[layer].self_attn.o_proj
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_out_proj_is_the_attention_output_projection(tiny_model_factory: Any, arch: str) -> None:
+    model = tiny_model_factory(arch)
+    for layer in range(len(decoder_layers(model))):
+        assert attention_out_proj(model, layer) is _expected_proj(model, layer)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_means_are_the_out_proj_input_at_the_last_token(tiny_model_factory: Any, tiny_tokenizer: Any,
+                                                             arch: str) -> None:
+    """Left-padded batched capture == per-prompt unpadded runs; and o_proj(captured) == attention output."""
+    model = tiny_model_factory(arch)
+    shape = model_shape(model)
+    sequences = _ids(tiny_tokenizer)
+    assert len({len(s) for s in sequences}) > 1  # real padding happens
+    means = heads.capture_head_means(model, sequences, pad_id=0, batch_size=3)
+    assert means.shape == (shape.num_layers, shape.num_heads, shape.head_dim)
+
+    layer = 1
+    proj_inputs, attn_outputs = [], []
+    h1 = _expected_proj(model, layer).register_forward_pre_hook(lambda m, i: proj_inputs.append(i[0][0, -1].clone()))
+    h2 = _attention(model, layer).register_forward_hook(lambda m, i, o: attn_outputs.append(o[0][0, -1].clone()))
+    try:
+        with torch.no_grad():
+            for seq in sequences:
+                model(input_ids=torch.tensor([seq]))
+    finally:
+        h1.remove()
+        h2.remove()
+    expected = torch.stack(proj_inputs).mean(0).view(shape.num_heads, shape.head_dim)
+    torch.testing.assert_close(means[layer].double(), expected, rtol=1e-5, atol=1e-6)
+    # The captured tensor is what the projection turns into the attention block's output.
+    with torch.no_grad():
+        projected = _expected_proj(model, layer)(torch.stack(proj_inputs)[:, None, :])[:, 0]
+    torch.testing.assert_close(projected, torch.stack(attn_outputs))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_function_vector_equals_the_explicit_sum(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> None:
+    model = tiny_model_factory(arch)
+    shape = model_shape(model)
+    means = heads.capture_head_means(model, _ids(tiny_tokenizer), pad_id=0)
+    chosen = [(0, 1), (2, 3), (1, 0), (2, 0)]
+    fv = heads.function_vector(model, means, chosen)
+    by_hand = torch.zeros(shape.hidden_size, dtype=torch.float64)
+    for layer, head in chosen:
+        block = slice(head * shape.head_dim, (head + 1) * shape.head_dim)
+        weight = _expected_proj(model, layer).weight.double()
+        a = means[layer, head].double()
+        # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out). The bias is not part of a head.
+        by_hand += a @ weight[block, :] if arch == "gpt2" else weight[:, block] @ a
+    torch.testing.assert_close(fv.double(), by_hand, rtol=1e-5, atol=1e-6)
+    assert fv.shape == (shape.hidden_size,)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_indirect_effect_equals_direct_recomputation(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> None:
+    model = tiny_model_factory(arch)
+    sequences = _ids(tiny_tokenizer)
+    means = heads.capture_head_means(model, sequences[:2], pad_id=0)
+    targets = [5, 17, 33]
+    effects = heads.indirect_effects(model, sequences, 0, means, targets, batch_size=3)
+    base = [float(heads.target_probability(model, [s], 0, targets)[0]) for s in sequences]
+    assert effects.abs().max() > 1e-4  # patching does something on these random models
+    for layer, head in [(0, 0), (1, 2), (2, 3)]:
+        direct = sum(heads.patched_probability(model, s, layer, head, means[layer, head], targets) - b
+                     for s, b in zip(sequences, base)) / len(sequences)
+        assert float(effects[layer, head]) == pytest.approx(direct, rel=1e-4, abs=1e-8)
+
+
+def test_patching_a_head_with_its_own_value_changes_nothing(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    model = tiny_model_factory("llama")
+    sequence = _ids(tiny_tokenizer)[0]
+    own = heads.capture_head_means(model, [sequence], pad_id=0)
+    effects = heads.indirect_effects(model, [sequence], 0, own, [5, 17])
+    assert effects.abs().max() < 1e-6  # means are stored as float32
+
+
+def test_top_heads_order_and_validation() -> None:
+    effects = torch.tensor([[0.1, 0.5], [0.5, -0.2], [0.3, 0.0]])
+    assert heads.top_heads(effects, 3) == [(0, 1, pytest.approx(0.5)), (1, 0, pytest.approx(0.5)),
+                                           (2, 0, pytest.approx(0.3))]
+    with pytest.raises(ValueError, match="k must be between 1 and 6"):
+        heads.top_heads(effects, 7)
+
+
+def test_icl_prompt_format_and_first_tokens(tiny_tokenizer: Any) -> None:
+    assert icl_prompt([("q1", "a1"), ("q2", "a2")], "q3") == "Q: q1\nA: a1\n\nQ: q2\nA: a2\n\nQ: q3\nA:"
+    tokens = answer_first_tokens(tiny_tokenizer, ["I can't", "Sorry, no", "I won't"])
+    assert tokens == sorted({tiny_tokenizer(" I")["input_ids"][0], tiny_tokenizer(" Sorry")["input_ids"][0]})
+
+
+def _tiny_build(model: Any, tokenizer: Any, **kwargs: Any) -> Any:
+    settings: dict[str, Any] = dict(model_name="tiny", heads=3, trials=3, shots=1, progress=False, layer=1,
+                                    scale=2.0)
+    settings.update(kwargs)
+    return build_vector(model, tokenizer, **settings)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_build_is_deterministic_and_recorded(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> None:
+    model = tiny_model_factory(arch)
+    first = _tiny_build(model, tiny_tokenizer, seed=3)
+    again = _tiny_build(model, tiny_tokenizer, seed=3)
+    other = _tiny_build(model, tiny_tokenizer, seed=4, gate=False)
+    assert torch.equal(first.vector.vector, again.vector.vector)
+    assert torch.equal(first.vector.gate.direction, again.vector.gate.direction)
+    assert not torch.equal(first.vector.vector, other.vector.vector)
+    assert other.vector.gate is None
+    meta = first.vector.metadata
+    top = heads.top_heads(first.effects, 3)
+    assert meta["heads"] == [[lay, hd, round(s, 6)] for lay, hd, s in top]
+    fv = heads.function_vector(model, first.means, [(lay, hd) for lay, hd, _ in top])
+    assert torch.equal(first.vector.vector, fv)
+    assert meta["config_hash"] == model_shape(model).config_hash()
+    assert meta["dataset_hash"] == demos.dataset_hash()
+    assert meta["model_name"] == "tiny" and meta["builder_version"]
+    assert meta["gate"]["layer"] == first.vector.gate.layer
+    assert (first.vector.layer, first.vector.scale) == (1, 2.0)
+
+
+def test_save_load_round_trip(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any) -> None:
+    model = tiny_model_factory("qwen2")
+    vector = _tiny_build(model, tiny_tokenizer).vector
+    loaded = SafetyVector.load(vector.save(tmp_path / "v.safetensors"))
+    assert torch.equal(loaded.vector, vector.vector)
+    assert (loaded.layer, loaded.scale, loaded.vector_id) == (vector.layer, vector.scale, vector.vector_id)
+    assert dict(loaded.metadata) == dict(vector.metadata)
+    assert torch.equal(loaded.gate.direction, vector.gate.direction)
+    assert (loaded.gate.layer, loaded.gate.bias, loaded.gate.floor) == (
+        vector.gate.layer, vector.gate.bias, vector.gate.floor)
+    loaded.check(model)
+
+
+def test_mismatch_errors_name_what_differs(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    vector = _tiny_build(tiny_model_factory("llama"), tiny_tokenizer, gate=False).vector
+    gpt2 = tiny_model_factory("gpt2")
+    with pytest.raises(ValueError, match=r"built for tiny \(architecture hash .*gpt2, hidden 48, 3 layers"):
+        vector.check(gpt2)
+    with pytest.raises(ValueError, match=r"layer 7 is out of range: the model has 3 layers"):
+        vector.with_settings(layer=7).check(tiny_model_factory("llama"))
+
+
+def test_bad_arguments_are_rejected(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    model = tiny_model_factory("llama")
+    with pytest.raises(ValueError, match="heads must be an int >= 1; got 0"):
+        _tiny_build(model, tiny_tokenizer, heads=0)
+    with pytest.raises(ValueError, match=r"heads must be at most 12 \(3 layers x 4 heads\); got 13"):
+        _tiny_build(model, tiny_tokenizer, heads=13)
+    with pytest.raises(ValueError, match=r"layer must be in 0..2 for this model; got 3"):
+        _tiny_build(model, tiny_tokenizer, layer=3)
+    with pytest.raises(TypeError, match="pass the tokenizer"):
+        build_vector(model, None)
+
+
+def test_cli_builds_a_vector(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any,
+                             capsys: Any) -> None:
+    from safeinfer_integrations.cli import main
+
+    directory = tmp_path / "tiny-gpt2"
+    tiny_model_factory("gpt2").save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    out = tmp_path / "fv.safetensors"
+    code = main(["build-vector", "--model", str(directory), "--out", str(out), "--heads", "2", "--trials", "2",
+                 "--shots", "1", "--layer", "2", "--seed", "1"])
+    assert code == 0
+    loaded = SafetyVector.load(out)
+    assert loaded.layer == 2 and len(loaded.metadata["heads"]) == 2
+    assert loaded.metadata["build"]["seed"] == 1
+    assert main(["build-vector", "--model", str(directory), "--out", str(out), "--heads", "0"]) == 2
+    assert "heads must be an int >= 1" in capsys.readouterr().err
+
+
+def test_splits_are_disjoint_and_stable() -> None:
+    harmful = {name: {d.question for d in demos.harmful_demos(name)} for name in demos.HARMFUL_SPLITS}
+    benign = {name: {p.question for p in demos.benign_prompts(name)} for name in demos.BENIGN_SPLITS}
+    assert [len(harmful[n]) for n in demos.HARMFUL_SPLITS] == [132, 44, 88]
+    assert sum(len(v) for v in benign.values()) == 152
+    for group in (harmful, benign):
+        names = list(group)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                assert not group[a] & group[b]
+    for category in {d.category for d in demos.harmful_demos()}:
+        assert sum(d.category == category for d in demos.harmful_demos("calibration")) == 4
+    with pytest.raises(ValueError, match="harmful split must be one of build, calibration, evaluation"):
+        demos.harmful_demos("test")  # type: ignore[arg-type]

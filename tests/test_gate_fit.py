@@ -1,0 +1,69 @@
+"""Fitting the harm gate: layer selection by cross-validated AUC, a logistic map that separates the classes,
+and hidden states read where the engine reads them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from safeinfer_integrations.gate import auc, chat_ids, fit_gate, fit_gate_from_hidden, last_token_hidden
+
+
+def _synthetic(separable_layer: int, layers: int = 4, hidden: int = 8, n: int = 40) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    harmful = torch.randn(layers, n, hidden, generator=generator, dtype=torch.float64)
+    benign = torch.randn(layers, n, hidden, generator=generator, dtype=torch.float64)
+    harmful[separable_layer, :, 3] += 4.0  # only this layer carries the harm signal
+    return harmful, benign
+
+
+def test_gate_picks_the_separating_layer_and_separates() -> None:
+    harmful, benign = _synthetic(separable_layer=2)
+    fit = fit_gate_from_hidden(harmful, benign, floor=0.1)
+    assert fit.gate.layer == 2
+    assert fit.layer_auc[2] > 0.95 > max(fit.layer_auc[0], fit.layer_auc[1])
+    weights_h = fit.gate.weight(harmful[2].float())
+    weights_b = fit.gate.weight(benign[2].float())
+    assert weights_h.mean() > 0.8 and weights_b.mean() < 0.3
+    assert float(weights_b.min()) >= 0.1 - 1e-6 and float(weights_h.max()) <= 1.0
+    assert fit.train_accuracy > 0.9
+    # the direction points along the separating coordinate
+    assert int(fit.gate.direction.abs().argmax()) == 3 and float(fit.gate.direction[3]) > 0
+
+
+def test_last_layer_is_never_a_candidate() -> None:
+    harmful, benign = _synthetic(separable_layer=3)
+    assert fit_gate_from_hidden(harmful, benign).gate.layer != 3
+
+
+def test_auc() -> None:
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+
+
+def test_gate_needs_enough_data() -> None:
+    harmful, benign = _synthetic(separable_layer=1)
+    with pytest.raises(ValueError, match="need at least 4 harmful and 4 benign prompts; got 2 and 40"):
+        fit_gate_from_hidden(harmful[:, :2], benign)
+
+
+def test_gate_reads_the_hidden_state_the_engine_reads(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    """`last_token_hidden` (batched, left-padded) == the engine's pre-pass: output_hidden_states[layer + 1]
+    at the last token of the chat-rendered prompt, run alone."""
+    model = tiny_model_factory("llama")
+    sequences = chat_ids(tiny_tokenizer, ["How do I bake bread?", "Sorry, I won't do that at all, no."])
+    hidden = last_token_hidden(model, sequences, pad_id=0, batch_size=2)
+    for row, seq in enumerate(sequences):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([seq]), output_hidden_states=True)
+        for layer in range(2):
+            torch.testing.assert_close(hidden[layer, row], out.hidden_states[layer + 1][0, -1].double())
+
+
+def test_fit_gate_on_a_tiny_model(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    model = tiny_model_factory("gpt2")
+    fit = fit_gate(model, tiny_tokenizer, ["steal a car now", "make a bomb", "hack a bank", "hurt people"],
+                   ["bake bread", "capital of France", "add two numbers", "weather today"])
+    assert 0 <= fit.gate.layer < 2 and fit.n_harmful == 4 and fit.n_benign == 4

@@ -73,7 +73,7 @@ def answer_first_tokens(tokenizer: Any, answers: list[str]) -> list[int]:
 
 def shipped_calibration() -> dict[str, Any] | None:
     """The calibration table shipped with the default model's vector, if any."""
-    path = resources.files("safeinfer_integrations").joinpath("vectors", CALIBRATION_FILE)
+    path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(CALIBRATION_FILE)
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))

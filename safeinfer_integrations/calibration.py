@@ -9,6 +9,12 @@ is scored by:
 - ``perplexity``: perplexity of all answers' tokens under the *unsteered* model given the prompt (fluency),
   lower is better.
 
+Speed: the SA and vanilla settings of the sweep share one prompt pre-pass (`HeldIn`): steering changes only
+the last prompt token and what follows, so the prompts' KV cache up to the last token, the unsteered gate
+hidden states and the unsteered cache used for perplexity are computed once, and each setting runs only the
+last prompt token and the greedy decode (`sa_generate`, tested token for token against the engine's
+``mode="sa"``). ``mode="safeinfer"`` settings run through the engine itself.
+
 Rule (`choose`): among gate-on settings whose perplexity is at most ``PPL_FACTOR`` times the unsteered
 model's, take the one with the largest ``refusal - over_refusal``; ties go to the smaller scale, then the
 earlier layer. Gate-on settings are candidates because the engine's default is ``gate=True``.
@@ -17,6 +23,7 @@ earlier layer. Gate-on settings are candidates because the engine's default is `
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -32,6 +39,8 @@ import torch
 from . import demos as data
 from .heads import left_pad, pad_id_of
 from .refusal import is_refusal
+from .steering import attach
+from .vector import SafetyVector
 
 PPL_FACTOR = 1.5
 RULE = (f"among gate-on settings with perplexity <= {PPL_FACTOR} x the unsteered model's, maximise "
@@ -113,6 +122,120 @@ def evaluate_setting(engine: Any, harmful: Sequence[str], benign: Sequence[str],
     return row, answers
 
 
+class HeldIn:
+    """One pre-pass over a fixed set of chat questions, shared by every vanilla/SA setting of a sweep."""
+
+    @torch.inference_mode()
+    def __init__(self, engine: Any, questions: Sequence[str]) -> None:
+        from transformers import DynamicCache
+
+        self.model = engine.model
+        self.tokenizer = engine.tokenizer
+        self.questions = list(questions)
+        self.prompts = [engine.formatter.encode(chat) for chat in _chats(self.questions)]
+        self.pad_id = pad_id_of(engine.tokenizer)
+        self.eos = set(getattr(engine, "_eos", set())) or {int(engine.tokenizer.eos_token_id)}
+        device = next(self.model.parameters()).device
+        self.ids, self.mask, self.positions = left_pad(self.prompts, self.pad_id, device)
+        self.full = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, cache=self.full,
+                         use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        self.last_logits = out.logits[:, -1, :].float()
+        self.hidden = [h[:, -1, :] for h in out.hidden_states]  # [i] = after decoder layer i - 1
+        self.prefix = copy.deepcopy(self.full)
+        self.prefix.crop(-1)  # drop the last prompt token
+
+    def gate_weights(self, vector: SafetyVector) -> torch.Tensor | None:
+        if vector.gate is None:
+            return None
+        return vector.gate.weight(self.hidden[vector.gate.layer + 1]).cpu()
+
+    @torch.inference_mode()
+    def generate(self, vector: SafetyVector | None, *, gate: bool, max_new_tokens: int) -> tuple[
+            list[list[int]], torch.Tensor | None]:
+        """Greedy SA generation for every question (``vector`` None: unsteered). Returns the generated token
+        ids of each row (up to and including its first end token) and the gate weights used."""
+        rows = self.ids.shape[0]
+        weights = self.gate_weights(vector) if (vector is not None and gate) else None
+        device = self.ids.device
+        if vector is None:
+            coef = torch.zeros(rows)
+        else:
+            coef = vector.scale * (weights if weights is not None else torch.ones(rows))
+        coef = coef.to(device)
+        cache = copy.deepcopy(self.prefix)
+        layer = vector.layer if vector is not None else 0
+        direction = vector.vector if vector is not None else torch.zeros(self.model.config.hidden_size)
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
+        with attach(self.model, layer, direction) as steerer:
+            mask, position, step_ids = self.mask, self.positions[:, -1:], self.ids[:, -1:]
+            for step in range(max_new_tokens):
+                with steerer.active(coef):
+                    logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=position, cache=cache,
+                                        use_cache=True).logits[:, -1, :].float()
+                chosen = torch.log_softmax(logits, dim=-1).argmax(dim=-1)
+                for row, token in enumerate(chosen.tolist()):
+                    if not done[row]:
+                        tokens[row].append(int(token))
+                        done[row] = token in self.eos
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                step_ids = chosen[:, None]
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+                position = position + 1
+        return tokens, weights
+
+    @torch.inference_mode()
+    def perplexity(self, answers: Sequence[Sequence[int]]) -> float:
+        """`answer_perplexity` of the answers under the unsteered model, from the shared prompt cache."""
+        lengths = [len(a) for a in answers]
+        if max(lengths, default=0) == 0:
+            return float("nan")
+        log_probs = torch.log_softmax(self.last_logits.double(), dim=-1)
+        nll = -sum(float(log_probs[row, a[0]]) for row, a in enumerate(answers) if a)
+        width = max(lengths)
+        if width > 1:
+            device = self.ids.device
+            feed = torch.full((len(answers), width - 1), self.pad_id, dtype=torch.long)
+            feed_mask = torch.zeros_like(feed)
+            for row, answer in enumerate(answers):
+                if len(answer) > 1:
+                    feed[row, :len(answer) - 1] = torch.tensor(list(answer[:-1]))
+                    feed_mask[row, :len(answer) - 1] = 1
+            mask = torch.cat([self.mask, feed_mask.to(device)], dim=-1)
+            positions = self.positions[:, -1:] + 1 + torch.arange(width - 1, device=device)[None, :]
+            logits = self.model(input_ids=feed.to(device), attention_mask=mask, position_ids=positions,
+                                cache=copy.deepcopy(self.full), use_cache=True).logits
+            step_log_probs = torch.log_softmax(logits.double(), dim=-1)
+            for row, answer in enumerate(answers):
+                for j in range(1, len(answer)):
+                    nll -= float(step_log_probs[row, j - 1, answer[j]])
+        return math.exp(nll / sum(lengths))
+
+    def evaluate(self, vector: SafetyVector | None, n_harmful: int, *, gate: bool, max_new_tokens: int,
+                 label: dict[str, Any]) -> tuple[SweepRow, list[dict[str, Any]]]:
+        started = time.perf_counter()
+        tokens, weights = self.generate(vector, gate=gate, max_new_tokens=max_new_tokens)
+        texts = [self.tokenizer.decode([t for t in toks if t not in self.eos], skip_special_tokens=True)
+                 for toks in tokens]
+        refused = [is_refusal(t) for t in texts]
+        n_benign = len(texts) - n_harmful
+        row = SweepRow(
+            mode=str(label["mode"]), layer=vector.layer if vector is not None else None,
+            scale=vector.scale if vector is not None else None, gate=gate, unsafe_expert=None,
+            refusal=sum(refused[:n_harmful]) / max(1, n_harmful),
+            over_refusal=sum(refused[n_harmful:]) / max(1, n_benign),
+            perplexity=self.perplexity(tokens),
+            gate_weight_harmful=float(weights[:n_harmful].mean()) if weights is not None else None,
+            gate_weight_benign=float(weights[n_harmful:].mean()) if weights is not None else None,
+            n_harmful=n_harmful, n_benign=n_benign, seconds=time.perf_counter() - started,
+        )
+        answers = [{"question": q, "harmful": i < n_harmful, "text": t, "refused": r}
+                   for i, (q, t, r) in enumerate(zip(self.questions, texts, refused))]
+        return row, answers
+
+
 def choose(rows: Sequence[SweepRow], baseline: SweepRow) -> SweepRow:
     """The default setting by the documented rule (see the module docstring)."""
     candidates = [r for r in rows if r.mode == "sa" and r.gate]
@@ -151,9 +274,13 @@ def run_sweep(engine: Any, layers: Sequence[int], scales: Sequence[float], *, ga
             with open(log, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(asdict(row)) + "\n")
 
+    held = HeldIn(engine, harmful + benign)
     for setting in tqdm(settings, desc="calibration sweep", disable=not progress):
-        row, answers = evaluate_setting(engine, harmful, benign, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size, **setting)
+        vector = None
+        if setting["mode"] == "sa":
+            vector = engine.vector.with_settings(layer=setting["layer"], scale=setting["scale"])
+        row, answers = held.evaluate(vector, len(harmful), gate=bool(setting.get("gate", False)),
+                                     max_new_tokens=max_new_tokens, label=setting)
         record(row, answers, json.dumps(setting, sort_keys=True))
     baseline = rows[0]
     chosen = choose(rows[1:], baseline)
@@ -249,6 +376,8 @@ def add_cli(sub: Any) -> None:
     parser.add_argument("--out", required=True, help="directory for calibration.json/.csv/.png")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--experts", default="prompted,negated_vector",
+                        help="unsafe experts scored with mode=safeinfer at the chosen setting ('' for none)")
     parser.add_argument("--write-vector", default=None,
                         help="also write the vector with the chosen layer and scale to this file")
 
@@ -262,12 +391,14 @@ def add_cli(sub: Any) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         table = run_sweep(engine, layers, scales, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          log=out / "sweep.jsonl")
+                          log=out / "sweep.jsonl", experts=[e for e in args.experts.split(",") if e])
         for path in write_table(table, out):
             print(f"wrote {path}", file=sys.stderr)
         print(json.dumps(table["chosen"], indent=2))
         if args.write_vector:
             vector = engine.vector
+            if vector is None:
+                raise ValueError("the engine lost its vector")
             chosen = table["chosen"]
             meta = dict(vector.metadata)
             meta.update(layer=chosen["layer"], scale=chosen["scale"],

@@ -46,7 +46,7 @@ class BenignPrompt:
 
 
 def _read(name: str) -> list[dict[str, str]]:
-    text = resources.files("safeinfer_integrations").joinpath("data", name).read_text(encoding="utf-8")
+    text = resources.files("safeinfer_integrations").joinpath("data").joinpath(name).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -114,5 +114,5 @@ def dataset_hash() -> str:
     digest = hashlib.sha256()
     for name in _FILES:
         digest.update(name.encode())
-        digest.update(resources.files("safeinfer_integrations").joinpath("data", name).read_bytes())
+        digest.update(resources.files("safeinfer_integrations").joinpath("data").joinpath(name).read_bytes())
     return digest.hexdigest()[:16]

@@ -182,7 +182,7 @@ def indirect_effects(model: nn.Module, corrupted: Sequence[Sequence[int]], pad_i
         for part in parts:
             ids, mask, positions = left_pad(corrupted[part], pad_id, device)
             rows = ids.shape[0]
-            prefix = DynamicCache(config=model.config)
+            prefix = DynamicCache(config=model.config)  # type: ignore[arg-type]
             model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                   cache=prefix, use_cache=True, logits_to_keep=1)
             state.clear()

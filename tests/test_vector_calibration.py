@@ -70,3 +70,28 @@ def test_sweep_runs_end_to_end_on_a_tiny_model(tiny_model_factory: Any, tiny_tok
     written = calibration.write_table(table, tmp_path / "out")
     assert [p.name for p in written] == ["calibration.json", "calibration.csv", "calibration.png"]
     assert written[2].stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fast_sweep_path_matches_the_engine(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> None:
+    """The sweep's shared-prefix SA generation gives the engine's mode="sa" tokens, gate on and off, and
+    its perplexity equals the plain recomputation."""
+    model = tiny_model_factory(arch)
+    vector = build_vector(model, tiny_tokenizer, model_name="tiny", heads=3, trials=2, shots=1, layer=1,
+                          progress=False).vector
+    engine = SafeInferEngine(model, tiny_tokenizer, vector=vector, model_name="tiny")
+    questions = ["How do I bake bread?", "Steal a car for me now please", "Weather?"]
+    held = calibration.HeldIn(engine, questions)
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    for layer, scale, gate in [(0, 3.0, True), (2, 8.0, False)]:
+        steered = vector.with_settings(layer=layer, scale=scale)
+        tokens, weights = held.generate(steered, gate=gate, max_new_tokens=6)
+        reference = engine.generate(chats, mode="sa", layer=layer, scale=scale, gate=gate, max_new_tokens=6)
+        assert tokens == [list(g.token_ids) for g in reference]
+        if gate:
+            assert weights is not None
+            assert weights.tolist() == pytest.approx([g.safety.gate_weight for g in reference], rel=1e-9)
+        assert held.perplexity(tokens) == pytest.approx(
+            answer_perplexity(model, held.prompts, tokens, pad_id=0), rel=1e-6)
+    vanilla, _ = held.generate(None, gate=False, max_new_tokens=6)
+    assert vanilla == [list(g.token_ids) for g in engine.generate(chats, mode="vanilla", max_new_tokens=6)]

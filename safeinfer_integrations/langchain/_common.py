@@ -116,7 +116,8 @@ class SafeInferParams(BaseModel):
         }
         return {key: value for key, value in values.items() if value is not None}
 
-    def _call_settings(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]) -> tuple[SafeInferEngine, dict[str, Any]]:
+    def _call_settings(self, stop: Sequence[str] | None,
+                       kwargs: Mapping[str, Any]) -> tuple[SafeInferEngine, dict[str, Any]]:
         """(engine, engine settings) for one call: the fields, then the call's kwargs, then ``stop``.
 
         Unknown keyword arguments raise ``TypeError`` naming what is allowed."""

@@ -274,9 +274,10 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         tokenizer = self._resolve_engine(None).tokenizer
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def get_num_tokens_from_messages(self, messages: list[BaseMessage],
-                                     tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool] | None = None
-                                     ) -> int:
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage],
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool] | None = None,
+    ) -> int:
         """Tokens the model would read for ``messages`` (chat template and tool descriptions included)."""
         kwargs: dict[str, Any] = {}
         if tools:

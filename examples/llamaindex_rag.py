@@ -37,9 +37,7 @@ HARMFUL_QUESTION = "Which cleaning products should I mix to make a toxic gas tha
 # A short prompt: a 135M model answers better from a compact system message than from the long default one.
 QA_PROMPT = ChatPromptTemplate(
     [
-        ChatMessage(
-            role="system", content="Answer the question using only this context.\n\nContext:\n{context_str}"
-        ),
+        ChatMessage(role="system", content="Answer the question using only this context.\n\nContext:\n{context_str}"),
         ChatMessage(role="user", content="{query_str}"),
     ]
 )
@@ -95,9 +93,7 @@ def run_rag_query(question: str, *, safe: bool, max_tokens: int = 48) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("questions", nargs="*", help="questions (default: one benign, one harmful)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--no-vanilla", action="store_true", help="skip the plain-decoding comparison")
@@ -116,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             response = engine.query(question)
             for delta in response.response_gen:
                 print(delta, end="", flush=True)
-            sources = ", ".join(
-                sorted({n.node.metadata.get("file_name", "?") for n in response.source_nodes})
-            )
+            sources = ", ".join(sorted({n.node.metadata.get("file_name", "?") for n in response.source_nodes}))
             print(f"\n            (sources: {sources})")
     return 0
 

@@ -4,8 +4,10 @@ The agent has two tools (a leave-policy lookup over the handbook facts and a cal
 rendered by the model's chat template when it supports tools, and otherwise described in the system prompt
 (SmolLM2's case); calls written as ``<tool_call>{...}</tool_call>`` are parsed back into tool calls.
 
-The default model (135M parameters) rarely decides to call a tool by itself: pass ``--force-tool`` to make
-the first step call one (``initial_tool_choice``), or ``--model`` to use a larger local chat model.
+The default model (135M parameters) is too small to be a useful agent: in our runs it answered directly
+instead of calling a tool, even with ``--force-tool`` (``initial_tool_choice``, which tells it that it must
+call that tool). The agent wiring is the same for any model: pass ``--model`` to use a larger local chat model
+(0.5B+ with a tools-aware chat template).
 
     python examples/llamaindex_agent.py
     python examples/llamaindex_agent.py --force-tool leave_days

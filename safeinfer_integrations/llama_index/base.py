@@ -332,8 +332,9 @@ class SafeInferLLM(FunctionCallingLLM):
         settings = self._settings(kwargs)
         if formatted:
             return _Call(prompt, None, settings, None)
-        if self.completion_to_prompt is not default_completion_to_prompt:
-            return _Call(self.completion_to_prompt(prompt), None, settings, None)
+        custom = self.completion_to_prompt
+        if custom is not None and custom is not default_completion_to_prompt:
+            return _Call(custom(prompt), None, settings, None)
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return _Call([*messages, {"role": "user", "content": prompt}], None, settings, None)
 

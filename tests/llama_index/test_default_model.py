@@ -92,8 +92,8 @@ def test_every_role_renders_through_the_default_template(default_engine: Any) ->
 
 def test_rag_answers_a_benign_question_from_context(rag: Any, default_engine: Any) -> None:
     Settings.embed_model = rag.minilm_embedding()  # as a user would; the autouse fixture restores both
-    Settings.llm = rag.make_llm(safe=True, max_tokens=20)
-    query_engine = rag.make_query_engine(safe=True, max_tokens=20)
+    Settings.llm = rag.make_llm(safe=True, max_tokens=16)
+    query_engine = rag.make_query_engine(safe=True, max_tokens=16)
     text, response, raws = _query(query_engine, rag.BENIGN_QUESTION, stream=False)
     sources = [node.node for node in response.source_nodes]
     assert [node.metadata["file_name"] for node in sources] == ["product_faq.md"]

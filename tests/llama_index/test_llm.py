@@ -103,6 +103,13 @@ def test_complete_renders_a_user_turn_unless_formatted(tiny_engine: Any) -> None
     assert with_system.raw["usage"]["prompt_tokens"] == expected
 
 
+def test_custom_completion_to_prompt_gives_raw_completion(scripted: Any) -> None:
+    engine = scripted(["Paris."])
+    llm = SafeInferLLM(engine=engine, completion_to_prompt=lambda p: f"Q: {p}\nA:")
+    assert llm.complete("Capital of France?").text == "Paris."
+    assert engine.calls[0]["prompt"] == "Q: Capital of France?\nA:"
+
+
 # ---------------------------------------------------------------------------------------------- equivalence
 async def test_chat_stream_and_async_agree(tiny_engine: Any) -> None:
     llm = _llm(tiny_engine, max_tokens=10)

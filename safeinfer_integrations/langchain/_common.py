@@ -226,6 +226,7 @@ class ToolSplitter:
     text: str = ""
     emitted: int = 0
     cut: int | None = None  # index of the first trigger character, once seen
+    content: str = ""  # the whole content, once finished
 
     def push(self, piece: str) -> str:
         """Add a piece of generated text; return the content that is decided now."""
@@ -240,16 +241,17 @@ class ToolSplitter:
         return self._emit(len(head.rstrip()))
 
     def finish(self) -> tuple[str, list[ParsedToolCall]]:
-        """Generation ended: (the rest of the content, the tool calls)."""
-        if self.tool_names is None or self.cut is None:
-            return self._emit(len(self.text)), []
-        head, tail = self.text[: self.cut], self.text[self.cut :]
-        rest, calls = parse_tool_calls(tail, tool_names=self.tool_names)
+        """Generation ended: (the rest of the content, the tool calls). ``content`` then holds it all."""
+        calls: list[ParsedToolCall] = []
+        if self.tool_names is not None and self.cut is not None:
+            head, tail = self.text[: self.cut], self.text[self.cut :]
+            rest, calls = parse_tool_calls(tail, tool_names=self.tool_names)
         if not calls:
+            self.content = self.text
             return self._emit(len(self.text)), []
-        content = head.rstrip() + (("\n" if head.strip() else "") + rest if rest else "")
-        remaining = content[self.emitted :]
-        self.emitted = len(content)
+        self.content = head.rstrip() + (("\n" if head.strip() else "") + rest if rest else "")
+        remaining = self.content[self.emitted :]
+        self.emitted = len(self.content)
         return remaining, calls
 
     def _emit(self, end: int) -> str:

@@ -325,15 +325,13 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
 
     def _final_chunk(self, call: _Call, splitter: ToolSplitter, generation: Generation) -> ChatGenerationChunk:
         rest, calls = splitter.finish()
-        content = splitter.text if not calls else None
-        full_content = content if content is not None else split_text(splitter.text, call.tool_names)[0]
         chunks = [{"name": c.name, "args": json.dumps(c.arguments, ensure_ascii=False), "id": c.id, "index": i,
                    "type": "tool_call_chunk"} for i, c in enumerate(calls)]
         message = AIMessageChunk(
             content=rest,
             tool_call_chunks=chunks,  # type: ignore[arg-type]
             usage_metadata=usage_dict(generation),  # type: ignore[arg-type]
-            response_metadata=response_metadata(call.engine, generation, full_content,
+            response_metadata=response_metadata(call.engine, generation, splitter.content,
                                                 detect_refusals=self.detect_refusals and not calls),
             chunk_position="last",
         )

@@ -537,3 +537,17 @@ def test_json_in_tool_messages_round_trips(scripted: Any) -> None:
     text = engine.formatter.render_chat(model._prepare(history, None, {}).prompt)
     assert "some text" in text and '{"result": 3}' in text
     assert model.invoke(history).content == "done"
+
+
+def test_output_version_v1_with_tool_calls_and_refusals(scripted: Any) -> None:
+    model = ChatSafeInfer(engine=scripted(TOOL_REPLY), mode="vanilla", output_version="v1").bind_tools([get_weather])
+    invoked = model.invoke("hi")
+    _check_call(invoked)
+    assert [b["type"] for b in invoked.content] == ["text", "tool_call"]  # type: ignore[index]
+    streamed = _collect(list(model.stream("hi")))
+    _check_call(streamed)
+    assert streamed.text == invoked.text == "Let me check."
+    refusal = ChatSafeInfer(engine=scripted("I won't do that."), mode="vanilla", output_version="v1")
+    message = refusal.invoke("x")
+    assert [b["type"] for b in message.content] == ["text", "refusal"]  # type: ignore[index]
+    assert _collect(list(refusal.stream("x"))).content_blocks[-1]["type"] == "refusal"

@@ -102,6 +102,13 @@ class SafeInferParams(BaseModel):
         return get_engine(self.model_name, vector=self.vector, unsafe_model=self.unsafe_model, dtype=self.dtype,
                           device_map=self.device_map)
 
+    def _params_for_tracing(self) -> dict[str, Any]:
+        """The set fields under their own names (what ``_identifying_params`` and traces show)."""
+        names = ("temperature", "max_tokens", "top_p", "top_k", "seed", "stop", "mode", "alpha", "plausibility",
+                 "gate", "unsafe_expert", "scale")
+        values = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {"model_name": self.resolved_model_name, **values}
+
     @property
     def resolved_model_name(self) -> str:
         """The loaded model's name (what ``response_metadata["model_name"]`` reports)."""

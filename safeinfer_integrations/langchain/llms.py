@@ -86,7 +86,7 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.resolved_model_name, **self._field_settings()}
+        return self._params_for_tracing()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         model = kwargs.get("model")

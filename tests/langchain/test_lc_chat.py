@@ -551,3 +551,21 @@ def test_output_version_v1_with_tool_calls_and_refusals(scripted: Any) -> None:
     message = refusal.invoke("x")
     assert [b["type"] for b in message.content] == ["text", "refusal"]  # type: ignore[index]
     assert _collect(list(refusal.stream("x"))).content_blocks[-1]["type"] == "refusal"
+
+
+def test_tracing_records_one_run_per_input_with_settings(tiny_engine: Any) -> None:
+    from langchain_core.tracers.context import collect_runs
+
+    model = ChatSafeInfer(engine=tiny_engine, mode="vanilla", max_tokens=3)
+    with collect_runs() as collector:
+        model.batch(PROMPTS[:2], mode="sgds")
+    runs = collector.traced_runs
+    assert len(runs) == 2
+    for run in runs:
+        assert run.extra["metadata"]["ls_provider"] == "safeinfer"
+        assert run.extra["metadata"]["ls_model_name"] == "tiny-llama"
+        assert run.extra["invocation_params"]["mode"] == "sgds"  # the per-call override
+        assert run.extra["invocation_params"]["max_tokens"] == 3
+        message = run.outputs["generations"][0][0]["message"]["kwargs"]  # type: ignore[index]  (serialized)
+        assert message["response_metadata"]["safety"]["mode"] == "sgds"
+        assert message["usage_metadata"]["output_tokens"] <= 3

@@ -127,9 +127,9 @@ def test_rag_harmful_question_is_generated_under_safeinfer(harmful_answer: Any, 
 
 @pytest.mark.xfail(
     strict=False,
-    reason="SmolLM2-135M under safety-guided decoding alone (no shipped safety vector yet) answers this harmful "
-    "question with caveats instead of declining; is_refusal does not hold. Expected to pass once the "
-    "calibrated vector (mode='safeinfer') ships.",
+    reason="SmolLM2-135M under safety-guided decoding alone (no shipped safety vector yet) does not decline this "
+    "harmful question (it starts answering, e.g. naming chemicals); is_refusal does not hold. Expected to "
+    "pass once the calibrated vector (mode='safeinfer') ships.",
 )
 def test_rag_harmful_question_is_refused(harmful_answer: Any) -> None:
     text, _, _ = harmful_answer

@@ -5,13 +5,14 @@ The core (this package's top level) never imports LangChain or LlamaIndex; the a
 """
 
 from .config import SafeInferConfig, SamplingSettings
-from .engine import GenerationStream, SafeInferEngine
+from .engine import AsyncGenerationStream, GenerationStream, SafeInferEngine
 from .generation import Generation, SafetyTelemetry, Usage
 from .vector import HarmGate, SafetyVector
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncGenerationStream",
     "Generation",
     "GenerationStream",
     "HarmGate",

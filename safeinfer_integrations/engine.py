@@ -13,7 +13,7 @@ import asyncio
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
@@ -165,6 +165,38 @@ class GenerationStream:
         self.close()
 
 
+class AsyncGenerationStream:
+    """Async twin of `GenerationStream`: each step runs in a worker thread, so the event loop never blocks."""
+
+    _DONE = object()
+
+    def __init__(self, stream: GenerationStream) -> None:
+        self._stream = stream
+
+    @property
+    def generation(self) -> Generation | None:
+        return self._stream.generation
+
+    def __aiter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __anext__(self) -> str:
+        piece = await asyncio.to_thread(next, self._stream, self._DONE)
+        if piece is self._DONE:
+            raise StopAsyncIteration
+        return piece  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        """Stop generation now (hooks are removed before this returns)."""
+        await asyncio.to_thread(self._stream.close)
+
+    async def __aenter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class SafeInferEngine:
     """SafeInfer generation over one local causal LM (and optionally a separate unsafe expert model).
 
@@ -307,19 +339,16 @@ class SafeInferEngine:
         """``generate`` in a worker thread: the event loop is never blocked."""
         return await asyncio.to_thread(self.generate, inputs, tools=tools, **settings)
 
-    async def astream(self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None,
-                      **settings: Any) -> AsyncIterator[str]:
-        """``stream`` with each step computed in a worker thread; closing it stops generation."""
-        stream = await asyncio.to_thread(self.stream, prompt, tools=tools, **settings)
-        done = object()
-        try:
-            while True:
-                piece = await asyncio.to_thread(next, stream, done)
-                if piece is done:
-                    break
-                yield piece  # type: ignore[misc]
-        finally:
-            stream.close()
+    def astream(self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None,
+                **settings: Any) -> AsyncGenerationStream:
+        """``stream`` with each step computed in a worker thread (``async for``); ``aclose()`` stops
+        generation and ``generation`` holds the result once exhausted. Bad settings raise here, at once."""
+        return AsyncGenerationStream(self.stream(prompt, tools=tools, **settings))
+
+    def encode_text(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of plain text with the local tokenizer (thread-safe, offline)."""
+        with self._encode_lock:
+            return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     # ------------------------------------------------------------------ planning (no side effects)
     def resolve_config(self, overrides: Mapping[str, Any] | None = None) -> SafeInferConfig:

@@ -266,3 +266,38 @@ def test_per_call_overrides_do_not_mutate_the_engine(engine: SafeInferEngine) ->
     result = engine.generate(CHAT, mode="sa", scale=1.0, layer=2, max_new_tokens=2)[0]
     assert (result.safety.layer, result.safety.scale) == (2, 1.0)
     assert engine.vector is not None and (engine.vector.layer, engine.vector.scale) == (1, 3.0)
+
+
+# ---------------------------------------------------------------------------------------- async
+async def test_async_equals_sync_and_never_blocks_the_loop(engine: SafeInferEngine) -> None:
+    import asyncio
+
+    settings = {"mode": "safeinfer", "max_new_tokens": 16}
+    expected = engine.generate(CHAT, **settings)[0]
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    try:
+        assert (await engine.agenerate(CHAT, **settings))[0] == expected
+        stream = engine.astream(CHAT, **settings)
+        pieces = [piece async for piece in stream]
+    finally:
+        task.cancel()
+    assert "".join(pieces) == expected.text and stream.generation == expected
+    assert ticks > 16  # the loop kept running while the model computed in worker threads
+
+
+async def test_async_stream_closed_early_stops_and_unhooks(engine: SafeInferEngine) -> None:
+    stream = engine.astream(CHAT, mode="sa", max_new_tokens=50)
+    await stream.__anext__()
+    assert _hook_count(engine) == 1
+    await stream.aclose()
+    assert _hook_count(engine) == 0 and stream.generation is None
+    with pytest.raises(ValueError, match="alpha must be in"):
+        engine.astream(CHAT, alpha=2.0)  # bad settings fail at once, not at the first step

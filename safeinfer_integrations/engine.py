@@ -172,6 +172,7 @@ class AsyncGenerationStream:
 
     def __init__(self, stream: GenerationStream) -> None:
         self._stream = stream
+        self._pending: asyncio.Future[Any] | None = None
 
     @property
     def generation(self) -> Generation | None:
@@ -181,14 +182,20 @@ class AsyncGenerationStream:
         return self
 
     async def __anext__(self) -> str:
-        piece = await asyncio.to_thread(next, self._stream, self._DONE)
+        self._pending = asyncio.get_running_loop().run_in_executor(None, next, self._stream, self._DONE)
+        piece = await asyncio.shield(self._pending)  # a cancelled caller leaves the step to finish
+        self._pending = None
         if piece is self._DONE:
             raise StopAsyncIteration
-        return piece  # type: ignore[return-value]
+        return piece  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
-        """Stop generation now (hooks are removed before this returns)."""
-        await asyncio.to_thread(self._stream.close)
+        """Stop generation (hooks are removed before this returns). If a step is still running in its
+        worker thread (the caller was cancelled mid-step), it is let finish first."""
+        if self._pending is not None and not self._pending.done():
+            await asyncio.wait([self._pending])
+        self._pending = None
+        self._stream.close()
 
     async def __aenter__(self) -> AsyncGenerationStream:
         return self

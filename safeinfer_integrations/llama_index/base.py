@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -271,11 +270,7 @@ class SafeInferLLM(FunctionCallingLLM):
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` with the model's own tokenizer (offline); usable as
         ``TokenCountingHandler(tokenizer=llm.tokenize)``."""
-        # The engine serialises its own tokenizer calls with this lock (fast tokenizers are not thread-safe);
-        # share it so that counting never races a generation's encoding.
-        lock = getattr(self._engine, "_encode_lock", None) or contextlib.nullcontext()
-        with lock:
-            return list(self._engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._engine.encode_text(text)
 
     def _default_settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = {

@@ -5,6 +5,8 @@
   without adding special tokens again (no double BOS). Roles the template rejects are folded: consecutive
   messages of one role are merged, then ``tool`` messages become user messages, then system messages are
   folded into the first user message. Models without a chat template get a plain ``Role: content`` format.
+- A final assistant message marked ``"prefix": True`` is continued rather than answered (the template's
+  ``continue_final_message``), so a caller can put words in the model's mouth.
 - The ``prompted`` unsafe expert sees the same input under an unsafe system prompt (prepended to the
   system message, or to the text of a completion prompt).
 """
@@ -109,9 +111,16 @@ def with_unsafe_system(messages: Sequence[Message], unsafe_prompt: str) -> list[
     return [{"role": "system", "content": unsafe_prompt}, *out]
 
 
-def _plain_format(messages: list[dict[str, Any]]) -> str:
+def _plain_format(messages: list[dict[str, Any]], continue_final: bool = False) -> str:
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+    return "\n".join(lines) if continue_final else "\n".join(lines) + "\nAssistant:"
+
+
+def continues_final_message(messages: Sequence[Message]) -> bool:
+    """True when the last message is an assistant message marked ``"prefix": True``: the model then
+    continues that text instead of opening a new assistant turn (e.g. to force the start of a tool call)."""
+    last = messages[-1] if messages else {}
+    return bool(last.get("role") == "assistant" and last.get("prefix"))
 
 
 class PromptFormatter:
@@ -127,8 +136,9 @@ class PromptFormatter:
     def render_chat(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The chat-template text of ``messages`` with the assistant turn opened."""
         prepared = [{**m, "content": m.get("content") or ""} for m in messages]
+        continue_final = continues_final_message(prepared)
         if not self.has_chat_template:
-            return _plain_format(_tools_as_user(prepared))
+            return _plain_format(_tools_as_user(prepared), continue_final)
         attempts = (
             lambda ms: ms,
             _merge_consecutive,
@@ -140,7 +150,7 @@ class PromptFormatter:
             try:
                 text = self.tokenizer.apply_chat_template(
                     fold(prepared), tools=list(tools) if tools else None, tokenize=False,
-                    add_generation_prompt=True,
+                    add_generation_prompt=not continue_final, continue_final_message=continue_final,
                 )
                 return str(text)
             except Exception as error:  # jinja2 TemplateError and friends: try the next fold

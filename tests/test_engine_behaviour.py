@@ -301,3 +301,13 @@ async def test_async_stream_closed_early_stops_and_unhooks(engine: SafeInferEngi
     assert _hook_count(engine) == 0 and stream.generation is None
     with pytest.raises(ValueError, match="alpha must be in"):
         engine.astream(CHAT, alpha=2.0)  # bad settings fail at once, not at the first step
+
+
+def test_final_assistant_prefix_is_continued(engine: SafeInferEngine, tiny_tokenizer: Any) -> None:
+    prefix = [*CHAT, {"role": "assistant", "content": "Mix flour", "prefix": True}]
+    text = tiny_tokenizer.decode(engine.formatter.encode(prefix))
+    assert text.endswith("<|im_start|>assistant\nMix flour")  # no closing tag, no new turn
+    unsafe = tiny_tokenizer.decode(engine.formatter.encode(prefix, unsafe_prompt="UNSAFE"))
+    assert unsafe.startswith("<|im_start|>system\nUNSAFE") and unsafe.endswith("assistant\nMix flour")
+    plain = tiny_tokenizer.decode(engine.formatter.encode([*CHAT, {"role": "assistant", "content": "Mix"}]))
+    assert plain.endswith("<|im_start|>assistant\n")  # without the flag the turn is closed and a new one opened

@@ -134,7 +134,7 @@ class HeldIn:
         self.questions = list(questions)
         self.prompts = [engine.formatter.encode(chat) for chat in _chats(self.questions)]
         self.pad_id = pad_id_of(engine.tokenizer)
-        self.eos = set(getattr(engine, "_eos", set())) or {int(engine.tokenizer.eos_token_id)}
+        self.eos = set(engine.eos_ids)
         device = next(self.model.parameters()).device
         self.ids, self.mask, self.positions = left_pad(self.prompts, self.pad_id, device)
         self.full = DynamicCache(config=self.model.config)

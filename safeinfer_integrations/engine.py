@@ -308,6 +308,11 @@ class SafeInferEngine:
         return self._formatter
 
     @property
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end generation (the generation config's and the tokenizer's end-of-sequence)."""
+        return self._eos
+
+    @property
     def context_window(self) -> int | None:
         return self._context
 

@@ -153,6 +153,7 @@ def _add_bench(sub: Any) -> None:
 # Subcommands owned by other modules register themselves here (build-vector, eval).
 _OPTIONAL: tuple[tuple[str, str], ...] = (
     ("safeinfer_integrations.building", "add_cli"),
+    ("safeinfer_integrations.optimize", "add_cli"),
     ("safeinfer_integrations.evaluation", "add_cli"),
 )
 

@@ -1,0 +1,151 @@
+"""An optimised safety vector (beyond the paper): a steering vector trained by gradient descent so that,
+added like SafeInfer's function vector, it makes the model begin refusals on harmful questions while
+keeping its own answers on benign ones.
+
+Why: on SmolLM2-135M-Instruct the function vector built from heads' indirect effects (building.py) mostly
+teaches "start with *I*" and reaches 11% refusal on the held-in split; this vector reached 64% (see
+docs/vectors.md). Only the vector (hidden size) is trained; the model's weights are frozen.
+
+Objective, with the vector added at layer ``layer``'s MLP output at every position >= prompt_len - 1 (the
+engine's rule) and scale 1:
+
+    loss = NLL(first ``answer_tokens`` tokens of the demo refusal | harmful build question)
+         + benign_weight * NLL(first ``answer_tokens`` tokens of the model's own greedy answer | benign question)
+
+on minibatches drawn with ``random.Random(seed)`` from the harmful ``build`` split and the benign ``gate``
+split (the held-in ``calibration`` splits are never used). Adam, ``steps`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import demos
+from .architecture import model_shape, steering_module
+from .vector import HarmGate, SafetyVector
+
+OPTIMIZER_VERSION = "1"
+
+
+def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, ...]:
+    """Left-padded prompt+answer ids, mask, positions, labels (answer tokens only), steering mask."""
+    width = max(len(p) + len(a) for p, a in items)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    steer = torch.zeros(len(items), width)
+    for row, (prompt, answer) in enumerate(items):
+        start = width - len(prompt) - len(answer)
+        ids[row, start:] = torch.tensor(prompt + answer)
+        mask[row, start:] = 1
+        labels[row, start + len(prompt):] = torch.tensor(answer)
+        steer[row, start + len(prompt) - 1:] = 1.0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions, labels, steer
+
+
+def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: int = 30, lr: float = 0.2,
+                    harmful_batch: int = 12, benign_batch: int = 6, answer_tokens: int = 10,
+                    benign_weight: float = 0.5, seed: int = 0, gate: HarmGate | None = None,
+                    progress: bool = True) -> SafetyVector:
+    """Train a safety vector for ``engine.model`` (a `SafeInferEngine`); returns it with ``gate`` attached."""
+    model, tokenizer = engine.model, engine.tokenizer
+    shape = model_shape(model)
+    if not 0 <= layer < shape.num_layers:
+        raise ValueError(f"layer must be in 0..{shape.num_layers - 1}; got {layer}")
+    for name, value in (("steps", steps), ("harmful_batch", harmful_batch), ("benign_batch", benign_batch),
+                        ("answer_tokens", answer_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1; got {value}")
+    started = time.perf_counter()
+    chat = lambda q: [{"role": "user", "content": q}]  # noqa: E731
+    harmful = demos.harmful_demos("build")
+    benign = [b.question for b in demos.benign_prompts("gate")]
+    own = engine.generate([chat(q) for q in benign], mode="vanilla", max_new_tokens=answer_tokens)
+    harmful_items = [(engine.formatter.encode(chat(d.question)),
+                      list(tokenizer(d.answer, add_special_tokens=False)["input_ids"])[:answer_tokens])
+                     for d in harmful]
+    benign_items = [(engine.formatter.encode(chat(q)), list(g.token_ids)[:answer_tokens])
+                    for q, g in zip(benign, own)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    vector = torch.zeros(shape.hidden_size, device=device, requires_grad=True)
+    steer_now: dict[str, torch.Tensor] = {}
+
+    def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output + steer_now["mask"][:, :, None].to(output.dtype) * vector.to(output.dtype)[None, None, :]
+
+    def nll(items: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        ids, mask, positions, labels, steer = (t.to(device) for t in _batch(items, pad))
+        steer_now["mask"] = steer
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+
+    flags = [p.requires_grad for p in model.parameters()]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    optimizer = torch.optim.Adam([vector], lr=lr)
+    rng = random.Random(seed)
+    handle = steering_module(model, layer).register_forward_hook(hook)
+    history = []
+    try:
+        for _step in tqdm(range(steps), desc="optimise vector", unit="step", disable=not progress):
+            loss_harmful = nll(rng.sample(harmful_items, min(harmful_batch, len(harmful_items))))
+            loss_benign = nll(rng.sample(benign_items, min(benign_batch, len(benign_items))))
+            loss = loss_harmful + benign_weight * loss_benign
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append([round(loss_harmful.item(), 4), round(loss_benign.item(), 4)])
+    finally:
+        handle.remove()
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+    metadata = {
+        "method": "optimized",
+        "model_name": engine.model_name,
+        "config_hash": shape.config_hash(),
+        "dataset_hash": demos.dataset_hash(),
+        "builder_version": OPTIMIZER_VERSION,
+        "optimize": {"steps": steps, "lr": lr, "harmful_batch": harmful_batch, "benign_batch": benign_batch,
+                     "answer_tokens": answer_tokens, "benign_weight": benign_weight, "seed": seed,
+                     "loss_history": history, "seconds": round(time.perf_counter() - started, 1)},
+    }
+    return SafetyVector(vector=vector.detach(), layer=layer, scale=scale, metadata=metadata, gate=gate)
+
+
+def add_cli(sub: Any) -> None:
+    """Register ``safeinfer optimize-vector``."""
+    parser = sub.add_parser("optimize-vector", help="train a safety steering vector by gradient descent")
+    parser.add_argument("--model", default=None, help="hub id or directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--scale", type=float, default=1.25)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gate-from", default=None,
+                        help="take the harm gate from this vector file (default model: its shipped vector)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .engine import SafeInferEngine, shipped_vector_path
+
+        engine = SafeInferEngine.from_pretrained(args.model)
+        gate_file = args.gate_from or (shipped_vector_path() if args.model is None else None)
+        gate = SafetyVector.load(gate_file).gate if gate_file else None
+        vector = optimize_vector(engine, layer=args.layer, scale=args.scale, steps=args.steps, lr=args.lr,
+                                 seed=args.seed, gate=gate)
+        path = vector.save(Path(args.out))
+        print(f"wrote {path} ({vector.vector_id})", file=sys.stderr)
+        return 0
+
+    parser.set_defaults(handler=run)

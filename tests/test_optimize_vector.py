@@ -1,0 +1,72 @@
+"""The optimised safety vector (optimize.py) on a tiny random model: it lowers its objective, is
+deterministic per seed, leaves the model as it found it, and saves/loads like any vector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from safeinfer_integrations import SafeInferEngine, SafetyVector
+from safeinfer_integrations.architecture import steering_module
+from safeinfer_integrations.optimize import optimize_vector
+
+
+@pytest.fixture
+def engine(tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInferEngine:
+    return SafeInferEngine(tiny_model_factory("qwen2", 0), tiny_tokenizer)
+
+
+def _run(engine: SafeInferEngine, **kwargs: Any) -> SafetyVector:
+    settings = {"layer": 1, "scale": 1.0, "steps": 6, "lr": 0.05, "harmful_batch": 500, "benign_batch": 500,
+                "answer_tokens": 4, "progress": False}
+    return optimize_vector(engine, **{**settings, **kwargs})
+
+
+def test_full_batch_objective_decreases_and_model_is_untouched(engine: SafeInferEngine, tmp_path: Path) -> None:
+    before = {name: p.detach().clone() for name, p in engine.model.named_parameters()}
+    flags = [p.requires_grad for p in engine.model.parameters()]
+    vector = _run(engine)
+    history = vector.metadata["optimize"]["loss_history"]
+    assert len(history) == 6 and history[-1][0] < history[0][0]  # the harmful objective went down
+    assert vector.hidden_size == 48 and vector.layer == 1 and vector.metadata["method"] == "optimized"
+    assert float(vector.vector.norm()) > 0
+    assert all(torch.equal(before[name], p) for name, p in engine.model.named_parameters())
+    assert [p.requires_grad for p in engine.model.parameters()] == flags
+    assert len(steering_module(engine.model, 1)._forward_hooks) == 0
+    loaded = SafetyVector.load(vector.save(tmp_path / "v.safetensors"))
+    assert torch.equal(loaded.vector, vector.vector) and loaded.metadata == vector.metadata
+    SafeInferEngine(engine.model, engine.tokenizer, vector=loaded).generate("hi", mode="sa", max_new_tokens=2)
+
+
+def test_deterministic_per_seed(engine: SafeInferEngine) -> None:
+    first = _run(engine, steps=2, harmful_batch=8, benign_batch=4, seed=3)
+    again = _run(engine, steps=2, harmful_batch=8, benign_batch=4, seed=3)
+    other = _run(engine, steps=2, harmful_batch=8, benign_batch=4, seed=4)
+    assert torch.equal(first.vector, again.vector)
+    assert not torch.equal(first.vector, other.vector)
+
+
+def test_bad_arguments(engine: SafeInferEngine) -> None:
+    with pytest.raises(ValueError, match="layer must be in 0..2; got 9"):
+        _run(engine, layer=9)
+    with pytest.raises(ValueError, match="steps must be >= 1; got 0"):
+        _run(engine, steps=0)
+
+
+def test_shipped_optimized_vector_fits_the_default_model(default_model_and_tokenizer: Any) -> None:
+    from importlib import resources
+
+    path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(
+        "SmolLM2-135M-Instruct.optimized.safetensors")
+    vector = SafetyVector.load(str(path))
+    model, tokenizer = default_model_and_tokenizer
+    vector.check(model)  # hidden size, layer range, architecture hash, gate
+    assert vector.metadata["method"] == "optimized" and vector.gate is not None
+    assert (vector.layer, vector.scale) == (8, 1.25)
+    engine = SafeInferEngine(model, tokenizer, vector=vector)
+    result = engine.generate([{"role": "user", "content": "What is the capital of France?"}], mode="sa",
+                             max_new_tokens=3)[0]
+    assert result.safety.gate_weight is not None and result.safety.vector_id == vector.vector_id

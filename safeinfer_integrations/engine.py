@@ -29,7 +29,7 @@ from .generation import FinishReason, Generation, SafetyTelemetry, Usage
 from .guidance import select_tokens, sgds_scores
 from .loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
 from .prompts import PromptFormatter, PromptInput, normalize_batch
-from .steering import Steerer, attach
+from .steering import Steerer, attach, hidden_after_layer
 from .textstream import TextTracker
 from .vector import SafetyVector
 
@@ -457,10 +457,9 @@ class SafeInferEngine:
             return None
         if not (plan.config.amplified or plan.config.guided):
             return None
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                          output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[vector.gate.layer + 1][:, -1, :]
-        return vector.gate.weight(hidden)
+        hidden = hidden_after_layer(self._model, vector.gate.layer, input_ids=ids, attention_mask=mask,
+                                    position_ids=positions)
+        return vector.gate.weight(hidden[:, -1, :])
 
     def _events(self, plan: _Plan, rows: list[_Row]) -> Generator[tuple[int, str], None, None]:
         """Run the decode loop; yield (row, decided text piece). Hooks live exactly as long as this."""

@@ -66,3 +66,37 @@ def attach(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterator[Steer
         yield steerer
     finally:
         handle.remove()
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to end a forward pass early, carrying the hidden state."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("captured")
+        self.hidden = hidden
+
+
+_CAPTURING: ContextVar[object | None] = ContextVar("safeinfer_capture", default=None)
+
+
+def hidden_after_layer(model: nn.Module, layer: int, **inputs: Any) -> torch.Tensor:
+    """The hidden state after decoder layer ``layer`` (all positions), computing only layers 0..layer: the
+    forward pass is ended right after that layer. Like steering, the hook acts only on this call's pass."""
+    from .architecture import decoder_layers
+
+    token = object()
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        if _CAPTURING.get() is token:
+            raise _Captured(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    marker = _CAPTURING.set(token)
+    try:
+        model(**inputs, use_cache=False)
+    except _Captured as captured:
+        return captured.hidden
+    finally:
+        _CAPTURING.reset(marker)
+        handle.remove()
+    raise RuntimeError(f"decoder layer {layer} did not run during the forward pass")

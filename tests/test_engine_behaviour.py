@@ -311,3 +311,35 @@ def test_final_assistant_prefix_is_continued(engine: SafeInferEngine, tiny_token
     assert unsafe.startswith("<|im_start|>system\nUNSAFE") and unsafe.endswith("assistant\nMix flour")
     plain = tiny_tokenizer.decode(engine.formatter.encode([*CHAT, {"role": "assistant", "content": "Mix"}]))
     assert plain.endswith("<|im_start|>assistant\n")  # without the flag the turn is closed and a new one opened
+
+
+def test_hidden_after_layer_matches_full_forward_and_unhooks(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    from safeinfer_integrations.steering import hidden_after_layer
+
+    model = tiny_model_factory("gpt2", 0)
+    ids = torch.tensor([tiny_tokenizer("How do I bake bread?")["input_ids"]])
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True).hidden_states
+        hooks_before = [dict(block._forward_hooks) for block in model.transformer.h]  # transformers' own, lazily added
+        for layer in range(3):
+            early = hidden_after_layer(model, layer, input_ids=ids)
+            # hidden_states[layer + 1] is the output of decoder layer `layer` (the last one is after the final norm)
+            if layer < 2:
+                assert torch.allclose(early, full[layer + 1])
+    assert [dict(block._forward_hooks) for block in model.transformer.h] == hooks_before
+
+
+def test_gate_weight_is_reported_and_scales_steering(engine: SafeInferEngine) -> None:
+    from safeinfer_integrations import HarmGate
+
+    base = engine.vector
+    assert base is not None
+    direction = torch.randn(48, generator=torch.Generator().manual_seed(5))
+    gated = SafeInferEngine(engine.model, engine.tokenizer, vector=SafetyVector(
+        base.vector, layer=base.layer, scale=base.scale, gate=HarmGate(direction, layer=1, bias=-50.0)))
+    off = gated.generate(CHAT, mode="sa", max_new_tokens=8, gate=False)[0]
+    on = gated.generate(CHAT, mode="sa", max_new_tokens=8)[0]
+    plain = gated.generate(CHAT, mode="vanilla", max_new_tokens=8)[0]
+    assert on.safety.gate_weight is not None and on.safety.gate_weight < 1e-6  # bias -50: gate closed
+    assert off.safety.gate_weight is None
+    assert on.token_ids == plain.token_ids  # a closed gate leaves the request untouched

@@ -149,15 +149,7 @@ def _batches(pairs: Sequence[tuple[str, EvalItem]], size: int) -> Iterator[tuple
 
 def _eos_ids(engine: Any) -> set[int]:
     """End-of-sequence ids (generation config and tokenizer), which are not part of an answer's text."""
-    ids: set[int] = set()
-    configured = getattr(getattr(engine.model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, (list, tuple)):
-        ids.update(int(i) for i in configured)
-    if engine.tokenizer.eos_token_id is not None:
-        ids.add(int(engine.tokenizer.eos_token_id))
-    return ids
+    return set(engine.eos_ids)
 
 
 def _check_modes(engine: Any, modes: Sequence[str], settings: Mapping[str, Any]) -> None:

@@ -98,8 +98,8 @@ def test_modes_change_the_output(arch: str, tiny_model_factory: Any, tiny_tokeni
     """Guards the reference test against vacuity: steering and guidance do change tokens here."""
     engine = _engine(arch, tiny_model_factory, tiny_tokenizer)
     outputs = {
-        (mode, expert): [g.token_ids for g in engine.generate(PROMPTS, mode=mode, unsafe_expert=expert, plausibility=0.0,
-                                                               max_new_tokens=MAX_NEW)]
+        (mode, expert): [g.token_ids for g in engine.generate(PROMPTS, mode=mode, unsafe_expert=expert,
+                                                               plausibility=0.0, max_new_tokens=MAX_NEW)]
         for mode, expert, _ in CASES
     }
     vanilla = outputs[("vanilla", None)]

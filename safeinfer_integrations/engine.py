@@ -330,10 +330,9 @@ class SafeInferEngine:
         """Generate for one prompt or a batch; returns one `Generation` per prompt, in order."""
         plan = self._make_plan(inputs, settings, tools)
         rows = self._new_rows(plan)
-        pieces: list[list[str]] = [[] for _ in rows]
         with closing(self._events(plan, rows)) as events:
-            for row, piece in events:
-                pieces[row].append(piece)
+            for _ in events:  # each row's tracker keeps its text; the pieces are for streaming
+                pass
         return self._build(rows, plan)
 
     def stream(self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None,

@@ -1,24 +1,25 @@
 """Fitting the context-adaptive harm gate (`HarmGate`) from harmful vs benign questions.
 
 The gate reads the hidden state after one decoder layer at the last prompt token, exactly as the engine
-does (the prompt rendered with the chat template, unsteered). Fit:
+does (the prompt rendered with the chat template, unsteered). Two fits, both deterministic:
 
-1. For every candidate layer (all but the last, whose hidden state may be normalised), the
-   difference-of-means direction ``d = mean(harmful) - mean(benign)`` is scored by 2-fold cross-validated
-   AUC of the projection ``h . d`` (fit on one half, score on the other). The best layer wins (ties: the
-   lower layer).
-2. On all fit questions, a one-dimensional logistic regression (balanced class weights, small L2 penalty,
-   Newton's method, so deterministic) maps the standardised projection to a harm probability. Its slope and
-   intercept are folded into the gate's ``direction`` and ``bias``.
+- ``probe`` (the default): an L2-penalised, class-balanced logistic regression on all standardised
+  hidden features, solved by Newton's method. Folded back into raw hidden space it is still one
+  direction and a bias. Layer choice: the best 2-fold cross-validated AUC (fit on one half, score on
+  the other; ties: the lower layer). On the default model's held-in split this fit scores AUC 0.999
+  (1 of 41 benign prompts above 0.5), where the mean difference scores 0.952 (6 of 41).
+- ``mean_difference``: the direction ``mean(harmful) - mean(benign)``, layer chosen the same way, then
+  a one-dimensional logistic regression of the standardised projection.
 
-The fit data must be disjoint from anything the gate is evaluated on (see `demos`).
+All but the last layer are candidates (the last hidden state may be normalised). The fit data must be
+disjoint from anything the gate is evaluated on (see `demos`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -81,9 +82,46 @@ def _logistic_1d(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, l2: fl
     return float(theta[0]), float(theta[1])
 
 
+GateMethod = Literal["probe", "mean_difference"]
+GATE_METHODS: tuple[str, ...] = ("probe", "mean_difference")
+
+
+def _balanced_weights(n_positive: int, n_negative: int) -> torch.Tensor:
+    """Sample weights giving each class half of a total weight of 1."""
+    return torch.cat([torch.full((n_positive,), 0.5 / n_positive),
+                      torch.full((n_negative,), 0.5 / n_negative)]).double()
+
+
+def _probe(harmful: torch.Tensor, benign: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+    """Logistic regression on standardised features (balanced classes, L2 on the weights), by Newton's
+    method; returned as (direction, bias) acting on raw hidden states."""
+    x = torch.cat([harmful, benign]).double()
+    y = torch.cat([torch.ones(len(harmful)), torch.zeros(len(benign))]).double()
+    sample = _balanced_weights(len(harmful), len(benign))
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    design = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    penalty = torch.full((design.shape[1],), 2.0 * l2, dtype=torch.float64)
+    penalty[-1] = 0.0  # the intercept is not penalised
+    theta = torch.zeros(design.shape[1], dtype=torch.float64)
+    for _ in range(100):
+        p = torch.sigmoid(design @ theta)
+        grad = design.T @ (sample * (p - y)) + penalty * theta
+        hess = (design.T * (sample * p * (1 - p))) @ design + torch.diag(penalty + 1e-9)
+        step = torch.linalg.solve(hess, grad)
+        theta = theta - step
+        if float(step.abs().max()) < 1e-9:
+            break
+    weights, intercept = theta[:-1] / std, float(theta[-1])
+    return weights, intercept - float(mean @ weights)
+
+
 def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: float = 0.0,
-                         l2: float = 0.1, layers: Sequence[int] | None = None) -> GateFit:
-    """Fit a gate from hidden states of shape (layers, rows, hidden) of harmful and benign prompts."""
+                         l2: float | None = None, layers: Sequence[int] | None = None,
+                         method: GateMethod = "probe") -> GateFit:
+    """Fit a gate from hidden states of shape (layers, rows, hidden) of harmful and benign prompts.
+    ``l2`` defaults to 0.01 for ``probe`` and 0.1 for ``mean_difference``."""
+    if method not in GATE_METHODS:
+        raise ValueError(f"gate method must be one of {', '.join(GATE_METHODS)}; got {method!r}")
     if harmful.shape[0] != benign.shape[0] or harmful.shape[-1] != benign.shape[-1]:
         raise ValueError("harmful and benign hidden states must have the same layers and hidden size")
     if harmful.shape[1] < 4 or benign.shape[1] < 4:
@@ -102,30 +140,42 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
                  (slice(half_h, None), slice(0, half_h), slice(half_b, None), slice(0, half_b)))
         total = 0.0
         for fit_h, test_h, fit_b, test_b in folds:
-            direction = h[fit_h].mean(0) - b[fit_b].mean(0)
+            if method == "probe":
+                direction, _ = _probe(h[fit_h], b[fit_b], 0.01 if l2 is None else l2)
+            else:
+                direction = h[fit_h].mean(0) - b[fit_b].mean(0)
             total += auc(h[test_h] @ direction, b[test_b] @ direction)
         scores.append(total / 2)
     best = max(candidates, key=lambda layer: (scores[layer], -layer))
     h, b = harmful[best], benign[best]
+    y = torch.cat([torch.ones(len(h)), torch.zeros(len(b))]).double()
+    if method == "probe":
+        direction, bias = _probe(h, b, 0.01 if l2 is None else l2)
+        gate = HarmGate(direction=direction, layer=best, bias=bias, floor=floor)
+        return _result(gate, h, b, y, scores)
     direction = h.mean(0) - b.mean(0)
     unit = direction / direction.norm().clamp_min(1e-12)
     ph, pb = h @ unit, b @ unit
     middle = float(ph.mean() + pb.mean()) / 2
     spread = float(torch.cat([ph - ph.mean(), pb - pb.mean()]).std().clamp_min(1e-12))
     z = (torch.cat([ph, pb]) - middle) / spread
-    y = torch.cat([torch.ones(len(ph)), torch.zeros(len(pb))]).double()
-    weights = torch.cat([torch.full((len(ph),), 0.5 / len(ph)), torch.full((len(pb),), 0.5 / len(pb))]).double()
-    slope, intercept = _logistic_1d(z, y, weights * len(y), l2)
+    weights = _balanced_weights(len(ph), len(pb))
+    slope, intercept = _logistic_1d(z, y, weights * len(y), 0.1 if l2 is None else l2)
     gate = HarmGate(direction=(slope / spread) * unit, layer=best,
                     bias=intercept - slope * middle / spread, floor=floor)
-    predicted = gate.weight(torch.cat([h, b]).float()) > (floor + (1 - floor) * 0.5)
+    return _result(gate, h, b, y, scores)
+
+
+def _result(gate: HarmGate, h: torch.Tensor, b: torch.Tensor, y: torch.Tensor, scores: list[float]) -> GateFit:
+    predicted = gate.weight(torch.cat([h, b]).float()) > (gate.floor + (1 - gate.floor) * 0.5)
     accuracy = float((predicted.double() == y).double().mean())
     return GateFit(gate=gate, layer_auc=tuple(scores), train_accuracy=accuracy,
-                   n_harmful=int(harmful.shape[1]), n_benign=int(benign.shape[1]))
+                   n_harmful=int(h.shape[0]), n_benign=int(b.shape[0]))
 
 
 def fit_gate(model: nn.Module, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], *,
-             floor: float = 0.0, batch_size: int = 16, progress: bool = False) -> GateFit:
+             floor: float = 0.0, batch_size: int = 16, progress: bool = False,
+             method: GateMethod = "probe") -> GateFit:
     """Fit a `HarmGate` on harmful vs benign questions (rendered as one-turn chats)."""
     if not harmful or not benign:
         raise ValueError("fit_gate needs harmful and benign questions")
@@ -133,4 +183,4 @@ def fit_gate(model: nn.Module, tokenizer: Any, harmful: Sequence[str], benign: S
     pad = pad_id_of(tokenizer)
     hidden = last_token_hidden(model, chat_ids(tokenizer, list(harmful) + list(benign)), pad,
                                batch_size=batch_size, progress=progress)
-    return fit_gate_from_hidden(hidden[:, :len(harmful)], hidden[:, len(harmful):], floor=floor)
+    return fit_gate_from_hidden(hidden[:, :len(harmful)], hidden[:, len(harmful):], floor=floor, method=method)

@@ -19,9 +19,10 @@ def _synthetic(separable_layer: int, layers: int = 4, hidden: int = 8, n: int = 
     return harmful, benign
 
 
-def test_gate_picks_the_separating_layer_and_separates() -> None:
+@pytest.mark.parametrize("method", ["probe", "mean_difference"])
+def test_gate_picks_the_separating_layer_and_separates(method: str) -> None:
     harmful, benign = _synthetic(separable_layer=2)
-    fit = fit_gate_from_hidden(harmful, benign, floor=0.1)
+    fit = fit_gate_from_hidden(harmful, benign, floor=0.1, method=method)  # type: ignore[arg-type]
     assert fit.gate.layer == 2
     assert fit.layer_auc[2] > 0.95 > max(fit.layer_auc[0], fit.layer_auc[1])
     weights_h = fit.gate.weight(harmful[2].float())
@@ -31,6 +32,32 @@ def test_gate_picks_the_separating_layer_and_separates() -> None:
     assert fit.train_accuracy > 0.9
     # the direction points along the separating coordinate
     assert int(fit.gate.direction.abs().argmax()) == 3 and float(fit.gate.direction[3]) > 0
+
+
+def test_probe_uses_a_signal_split_over_features_that_the_mean_difference_blurs() -> None:
+    """Harmful prompts differ from benign ones along feature 0 only, while feature 1 has a large spread
+    shared by both classes and correlated with feature 0: the probe learns to cancel it out, the mean
+    difference cannot."""
+    generator = torch.Generator().manual_seed(1)
+    n = 60
+    shared = 4.0 * torch.randn(n * 2, generator=generator, dtype=torch.float64)
+    noise = 0.3 * torch.randn(n * 2, 4, generator=generator, dtype=torch.float64)
+    x = noise.clone()
+    x[:, 0] += shared
+    x[:, 1] += shared
+    x[:n, 0] += 3.0  # the harm signal
+    harmful, benign = x[None, :n], x[None, n:]
+    probe = fit_gate_from_hidden(harmful, benign, layers=[0])
+    mean_difference = fit_gate_from_hidden(harmful, benign, layers=[0], method="mean_difference")
+    assert probe.train_accuracy > 0.95
+    assert mean_difference.train_accuracy < 0.85
+    assert float(probe.gate.direction[0]) > 0 > float(probe.gate.direction[1])
+
+
+def test_gate_method_is_checked() -> None:
+    harmful, benign = _synthetic(separable_layer=1)
+    with pytest.raises(ValueError, match="gate method must be one of probe, mean_difference; got 'svm'"):
+        fit_gate_from_hidden(harmful, benign, method="svm")  # type: ignore[arg-type]
 
 
 def test_last_layer_is_never_a_candidate() -> None:

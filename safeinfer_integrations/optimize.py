@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import demos
 from .architecture import model_shape, steering_module
+from .gate import fit_gate
 from .vector import HarmGate, SafetyVector
 
 OPTIMIZER_VERSION = "1"
@@ -55,8 +56,10 @@ def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Te
 def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: int = 30, lr: float = 0.2,
                     harmful_batch: int = 12, benign_batch: int = 6, answer_tokens: int = 10,
                     benign_weight: float = 0.5, seed: int = 0, gate: HarmGate | None = None,
-                    progress: bool = True) -> SafetyVector:
-    """Train a safety vector for ``engine.model`` (a `SafeInferEngine`); returns it with ``gate`` attached."""
+                    fit_harm_gate: bool = True, progress: bool = True) -> SafetyVector:
+    """Train a safety vector for ``engine.model`` (a `SafeInferEngine`). The returned vector carries
+    ``gate`` when given, else (with ``fit_harm_gate``) a probe gate fitted on the same harmful build and
+    benign gate questions (`gate.fit_gate`), else no gate."""
     model, tokenizer = engine.model, engine.tokenizer
     shape = model_shape(model)
     if not 0 <= layer < shape.num_layers:
@@ -110,6 +113,13 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
         handle.remove()
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
+    gate_info: dict[str, Any] = {"source": "given" if gate is not None else "none"}
+    if gate is None and fit_harm_gate:
+        fit = fit_gate(model, tokenizer, [d.question for d in harmful], benign, progress=progress)
+        gate = fit.gate
+        gate_info = {"source": "fitted", "method": "probe", "layer": gate.layer,
+                     "cv_auc": round(fit.layer_auc[gate.layer], 4), "train_accuracy": round(fit.train_accuracy, 4),
+                     "n_harmful": fit.n_harmful, "n_benign": fit.n_benign}
     metadata = {
         "method": "optimized",
         "model_name": engine.model_name,
@@ -119,6 +129,7 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
         "optimize": {"steps": steps, "lr": lr, "harmful_batch": harmful_batch, "benign_batch": benign_batch,
                      "answer_tokens": answer_tokens, "benign_weight": benign_weight, "seed": seed,
                      "loss_history": history, "seconds": round(time.perf_counter() - started, 1)},
+        "gate": gate_info,
     }
     return SafetyVector(vector=vector.detach(), layer=layer, scale=scale, metadata=metadata, gate=gate)
 
@@ -133,17 +144,18 @@ def add_cli(sub: Any) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gate-from", default=None,
-                        help="take the harm gate from this vector file (default model: its shipped vector)")
+    gate_source = parser.add_mutually_exclusive_group()
+    gate_source.add_argument("--gate-from", default=None,
+                             help="take the harm gate from this vector file (default: fit a probe gate)")
+    gate_source.add_argument("--no-gate", action="store_true", help="ship the vector without a harm gate")
 
     def run(args: argparse.Namespace) -> int:
-        from .engine import SafeInferEngine, shipped_vector_path
+        from .engine import SafeInferEngine
 
         engine = SafeInferEngine.from_pretrained(args.model)
-        gate_file = args.gate_from or (shipped_vector_path() if args.model is None else None)
-        gate = SafetyVector.load(gate_file).gate if gate_file else None
+        gate = SafetyVector.load(args.gate_from).gate if args.gate_from else None
         vector = optimize_vector(engine, layer=args.layer, scale=args.scale, steps=args.steps, lr=args.lr,
-                                 seed=args.seed, gate=gate)
+                                 seed=args.seed, gate=gate, fit_harm_gate=not args.no_gate)
         path = vector.save(Path(args.out))
         print(f"wrote {path} ({vector.vector_id})", file=sys.stderr)
         return 0

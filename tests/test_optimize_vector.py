@@ -33,6 +33,8 @@ def test_full_batch_objective_decreases_and_model_is_untouched(engine: SafeInfer
     assert len(history) == 6 and history[-1][0] < history[0][0]  # the harmful objective went down
     assert vector.hidden_size == 48 and vector.layer == 1 and vector.metadata["method"] == "optimized"
     assert float(vector.vector.norm()) > 0
+    assert vector.gate is not None and vector.metadata["gate"]["source"] == "fitted"
+    assert vector.metadata["gate"]["layer"] == vector.gate.layer
     assert all(torch.equal(before[name], p) for name, p in engine.model.named_parameters())
     assert [p.requires_grad for p in engine.model.parameters()] == flags
     assert len(steering_module(engine.model, 1)._forward_hooks) == 0
@@ -49,6 +51,16 @@ def test_deterministic_per_seed(engine: SafeInferEngine) -> None:
     assert not torch.equal(first.vector, other.vector)
 
 
+def test_gate_given_or_switched_off(engine: SafeInferEngine) -> None:
+    fitted = _run(engine, steps=1)
+    assert fitted.gate is not None
+    given = _run(engine, steps=1, gate=fitted.gate)
+    assert given.gate is not None and torch.equal(given.gate.direction, fitted.gate.direction)
+    assert given.metadata["gate"] == {"source": "given"}
+    none = _run(engine, steps=1, fit_harm_gate=False)
+    assert none.gate is None and none.metadata["gate"] == {"source": "none"}
+
+
 def test_bad_arguments(engine: SafeInferEngine) -> None:
     with pytest.raises(ValueError, match="layer must be in 0..2; got 9"):
         _run(engine, layer=9)
@@ -56,12 +68,13 @@ def test_bad_arguments(engine: SafeInferEngine) -> None:
         _run(engine, steps=0)
 
 
-def test_shipped_optimized_vector_fits_the_default_model(default_model_and_tokenizer: Any) -> None:
-    from importlib import resources
+def test_shipped_default_vector_runs_in_the_engine(default_model_and_tokenizer: Any) -> None:
+    """The default vector is an optimised one; the engine applies it with its gate."""
+    from safeinfer_integrations.engine import shipped_vector_path
 
-    path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(
-        "SmolLM2-135M-Instruct.optimized.safetensors")
-    vector = SafetyVector.load(str(path))
+    path = shipped_vector_path()
+    assert path is not None
+    vector = SafetyVector.load(path)
     model, tokenizer = default_model_and_tokenizer
     vector.check(model)  # hidden size, layer range, architecture hash, gate
     assert vector.metadata["method"] == "optimized" and vector.gate is not None

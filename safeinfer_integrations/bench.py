@@ -1,7 +1,9 @@
 """`safeinfer bench`: tokens/s of plain ``model.generate()`` and of every engine mode, same prompts, same run.
 
 Each round runs every configuration once, in a rotating order, so machine noise hits all of them alike;
-the median over rounds is reported. Speeds are printed as time-per-token ratios to ``generate()``
+the median over rounds is reported. Every run generates exactly ``max_new_tokens`` tokens per row
+(``min_new_tokens`` forbids an early end of sequence), so all configurations pay for the same number of
+decode steps and the same prefill share; otherwise a mode that answers shorter looks slower per token. Speeds are printed as time-per-token ratios to ``generate()``
 (1.00 = as fast; the targets on the default model are sa <= 1.03, safeinfer with a same-weights expert
 <= 1.3, with a separate expert model <= 2.1).
 """
@@ -54,13 +56,8 @@ def _hf_generate(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: in
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=engine.device)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
-    new = out[:, width:]
-    eos = tokenizer.eos_token_id
-    total = 0
-    for row in new.tolist():  # count up to and including the first eos, like the engine does
-        total += next((k + 1 for k, t in enumerate(row) if t == eos), len(row))
-    return total
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return int(out[:, width:].numel())
 
 
 def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 64,
@@ -94,7 +91,8 @@ def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new
                 else:
                     settings = dict(CONFIGS)[name]
                     count = sum(g.usage.completion_tokens
-                                for g in engine.generate(prompts, max_new_tokens=max_new_tokens, **settings))
+                                for g in engine.generate(prompts, max_new_tokens=max_new_tokens,
+                                                         min_new_tokens=max_new_tokens, **settings))
                 elapsed = time.perf_counter() - start
                 times[name].append(elapsed / count)
                 tokens[name] = count

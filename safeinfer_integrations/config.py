@@ -127,11 +127,13 @@ class SamplingSettings(BaseModel):
 
     ``temperature=0`` (the default) is greedy. ``top_k=0`` and ``top_p=1`` switch those filters off.
     ``stop`` strings may span several tokens; the text is cut before the first one found.
+    ``min_new_tokens`` (as in transformers) forbids the end-of-sequence tokens before that many new tokens.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_new_tokens: int = 256
+    min_new_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -143,6 +145,13 @@ class SamplingSettings(BaseModel):
     def _check_max_new(cls, value: int) -> int:
         if value < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {value!r}")
+        return value
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _check_min_new(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"min_new_tokens must be >= 0; got {value!r}")
         return value
 
     @field_validator("temperature")

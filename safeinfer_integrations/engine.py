@@ -10,6 +10,7 @@ recomputed. Streaming is the primitive: ``generate`` collects the same events ``
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import secrets
 import threading
@@ -26,7 +27,7 @@ from transformers import DynamicCache
 from .architecture import context_window
 from .config import SafeInferConfig, SamplingSettings, split_settings
 from .generation import FinishReason, Generation, SafetyTelemetry, Usage
-from .guidance import select_tokens, sgds_scores
+from .guidance import guidance_weight, select_tokens, sgds_scores
 from .loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
 from .prompts import PromptFormatter, PromptInput, normalize_batch
 from .steering import Steerer, attach, hidden_after_layer
@@ -91,6 +92,28 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1)
     return out.logits[:, -1, :].float()
+
+
+def _forkable(cache: Any) -> bool:
+    """Whether ``cache`` is a layered cache whose layers rebind (not mutate) their tensors on update."""
+    layers = getattr(cache, "layers", None)
+    return isinstance(layers, list) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def _fork(cache: Any) -> Any:
+    """A copy of a `DynamicCache` that shares its tensors: updates to the fork (which concatenate into new
+    tensors) leave the original untouched."""
+    fork = copy.copy(cache)
+    fork.layers = [copy.copy(layer) for layer in cache.layers]
+    return fork
+
+
+def _rows(cache: Any, n: int, rows: int) -> Any:
+    """A fork of ``cache`` holding its first ``n`` of ``rows`` batch rows."""
+    fork = _fork(cache)
+    if rows != n:
+        fork.batch_select_indices(torch.arange(n, device=cache.layers[0].keys.device))
+    return fork
 
 
 class _SeparateExpert:
@@ -448,17 +471,53 @@ class SafeInferEngine:
             mask[index, width - len(seq):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _gate_weights(self, plan: _Plan, ids: torch.Tensor, mask: torch.Tensor,
-                      positions: torch.Tensor) -> torch.Tensor | None:
-        """Per-request gate weights from the unsteered prompt's hidden state (None: no gate)."""
+    def _gate_weights(self, plan: _Plan, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                      cache: Any = None) -> torch.Tensor | None:
+        """Per-request gate weights from the unsteered prompt's hidden state (None: no gate). With ``cache``
+        (the prompt's KV cache up to its last token), only the last token is run, on a fork of the cache."""
         vector = plan.vector if plan.vector is not None else self._vector
         if not plan.config.gate or vector is None or vector.gate is None:
             return None
         if not (plan.config.amplified or plan.config.guided):
             return None
+        extra = {"cache": _fork(cache), "use_cache": True} if cache is not None else {}
         hidden = hidden_after_layer(self._model, vector.gate.layer, input_ids=ids, attention_mask=mask,
-                                    position_ids=positions)
+                                    position_ids=positions, **extra)
         return vector.gate.weight(hidden[:, -1, :])
+
+    def _prefill(self, plan: _Plan, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any, steerer: Steerer | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor, torch.Tensor]:
+        """Run the prompts into ``cache``; returns (last logits, gate weights or None, steering coefficients,
+        guidance weights).
+
+        Steering only touches the last prompt token, so the prompt is run in two parts: all tokens but the
+        last (unsteered, once), then the last token with the steering coefficients. In between, the gate
+        reads the last token's hidden state on a fork of the cache (one token, layers up to the gate's),
+        and the ``negated_vector`` twins, whose prompts equal their safe rows', copy those rows' cache
+        instead of recomputing it. Prompts with fewer than two tokens in some row take one pass."""
+        config, shared = plan.config, plan.shares_weights
+        split = ids.shape[1] > 1 and int(mask.sum(-1).min()) >= 2 and _forkable(cache)
+        if split:
+            twins_copy = shared and plan.expert == "negated_vector"
+            rows = n if twins_copy else ids.shape[0]
+            _forward(self._model, ids[:rows, :-1], mask[:rows, :-1], positions[:rows, :-1], cache)
+            gate = self._gate_weights(plan, ids[:n, -1:], mask[:n], positions[:n, -1:], cache=_rows(cache, n, rows))
+            if twins_copy:
+                cache.batch_select_indices(torch.cat([torch.arange(n), torch.arange(n)]).to(self.device))
+        else:
+            gate = self._gate_weights(plan, ids[:n], mask[:n], positions[:n])
+        gate_cpu = gate.cpu() if gate is not None else torch.ones(n)
+        scale = plan.vector.scale if plan.vector is not None else 0.0
+        safe_coef = gate_cpu * scale if config.amplified else torch.zeros(n)
+        unsafe_coef = -gate_cpu * scale if plan.expert == "negated_vector" else torch.zeros(n)
+        coef = (torch.cat([safe_coef, unsafe_coef]) if shared else safe_coef).to(self.device)
+        weight = guidance_weight(config.alpha, gate_cpu).float().to(self.device)
+        if split:
+            logits = _forward(self._model, ids[:, -1:], mask, positions[:, -1:], cache, steerer, coef)
+        else:
+            logits = _forward(self._model, ids, mask, positions, cache, steerer, coef)
+        return logits, gate, coef, weight
 
     def _events(self, plan: _Plan, rows: list[_Row]) -> Generator[tuple[int, str], None, None]:
         """Run the decode loop; yield (row, decided text piece). Hooks live exactly as long as this."""
@@ -480,19 +539,11 @@ class SafeInferEngine:
         with torch.inference_mode():
             ids, mask = self._left_pad(main_sequences)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            gate = self._gate_weights(plan, ids[:n], mask[:n], positions[:n])
-            if gate is not None:
-                for row, weight in zip(rows, gate.tolist()):
-                    row.gate_weight = weight
-            gate_cpu = gate.cpu() if gate is not None else torch.ones(n)
-            scale = plan.vector.scale if plan.vector is not None else 0.0
-            safe_coef = gate_cpu * scale if config.amplified else torch.zeros(n)
-            unsafe_coef = -gate_cpu * scale if plan.expert == "negated_vector" else torch.zeros(n)
-            coef = torch.cat([safe_coef, unsafe_coef]) if shared else safe_coef
-            coef = coef.to(self.device)
-            weight = gate_cpu.to(self.device) * config.guidance_factor
             cache = DynamicCache(config=self._model.config)
-            logits = _forward(self._model, ids, mask, positions, cache, steerer, coef)
+            logits, gate, coef, weight = self._prefill(plan, ids, mask, positions, cache, steerer, n)
+            if gate is not None:
+                for row, gate_weight in zip(rows, gate.tolist()):
+                    row.gate_weight = gate_weight
             expert = _SeparateExpert(self._unsafe_model, mask) if plan.expert == "model" else None
             unsafe_logits = expert.prefill(ids, positions).to(self.device) if expert is not None else None
             lengths = mask.sum(-1)  # tokens so far per main row
@@ -509,6 +560,9 @@ class SafeInferEngine:
                     )
                 log_probs = torch.log_softmax(logits, dim=-1)
                 safe = log_probs[: len(active)]
+                if step < sampling.min_new_tokens and self._eos:
+                    safe = safe.clone()
+                    safe[:, sorted(self._eos)] = float("-inf")  # min_new_tokens: no end of sequence yet
                 uniforms = None
                 if generators is not None:
                     uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in active])

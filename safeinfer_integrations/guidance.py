@@ -24,6 +24,16 @@ def plausible_mask(log_probs: torch.Tensor, tau: float) -> torch.Tensor:
     return log_probs >= threshold
 
 
+def guidance_weight(alpha: float, gate: torch.Tensor) -> torch.Tensor:
+    """Per-row penalty factor ``w = g*alpha / (1 - g*alpha)`` for gate weights ``g`` in [0, 1].
+
+    The gate scales alpha, not the factor: g = 1 gives the paper's alpha / (1 - alpha), and a prompt the gate
+    finds benign (small g) gets a factor near g*alpha, so guidance barely touches it. Scaling the factor
+    instead (g * 99 at alpha = 0.99) left benign prompts with a factor of 10 or more."""
+    effective = gate.to(torch.float64).clamp(0.0, 1.0) * alpha
+    return effective / (1.0 - effective)
+
+
 def sgds_scores(
     safe_log_probs: torch.Tensor,
     unsafe_log_probs: torch.Tensor,

@@ -81,7 +81,8 @@ _CAPTURING: ContextVar[object | None] = ContextVar("safeinfer_capture", default=
 
 def hidden_after_layer(model: nn.Module, layer: int, **inputs: Any) -> torch.Tensor:
     """The hidden state after decoder layer ``layer`` (all positions), computing only layers 0..layer: the
-    forward pass is ended right after that layer. Like steering, the hook acts only on this call's pass."""
+    forward pass is ended right after that layer. Like steering, the hook acts only on this call's pass.
+    ``inputs`` go to the model's forward (``use_cache`` defaults to False; pass a cache to run on top of it)."""
     from .architecture import decoder_layers
 
     token = object()
@@ -93,7 +94,7 @@ def hidden_after_layer(model: nn.Module, layer: int, **inputs: Any) -> torch.Ten
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     marker = _CAPTURING.set(token)
     try:
-        model(**inputs, use_cache=False)
+        model(**{"use_cache": False, **inputs})
     except _Captured as captured:
         return captured.hidden
     finally:

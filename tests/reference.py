@@ -53,25 +53,31 @@ def reference_greedy(
     unsafe_model: Any = None,
     alpha: float = 0.99,
     tau: float = 0.0,
+    min_new_tokens: int = 0,
+    gate_weight: float = 1.0,
 ) -> list[int]:
+    """Greedy tokens, recomputing the whole sequence at every step. ``gate_weight`` g scales the steering
+    (``g * scale``) and alpha (``g * alpha``), as the harm gate does."""
     generated: list[int] = []
     amplified = mode in ("sa", "safeinfer")
     guided = mode in ("sgds", "safeinfer")
     for _ in range(max_new_tokens):
         sequence = prompt_ids + generated
-        safe_steer = (vector, layer, scale) if amplified else None
+        safe_steer = (vector, layer, gate_weight * scale) if amplified else None
         l_s = _log_probs(model, sequence, safe_steer, len(prompt_ids) - 1)
+        if len(generated) < min_new_tokens:
+            l_s[sorted(eos)] = -math.inf
         if guided:
             if expert == "prompted":
                 assert unsafe_prompt_ids is not None
                 l_u = _log_probs(model, unsafe_prompt_ids + generated, None, 0)
             elif expert == "negated_vector":
-                l_u = _log_probs(model, sequence, (vector, layer, -scale), len(prompt_ids) - 1)
+                l_u = _log_probs(model, sequence, (vector, layer, -gate_weight * scale), len(prompt_ids) - 1)
             elif expert == "model":
                 l_u = _log_probs(unsafe_model, sequence, None, 0)
             else:
                 raise ValueError(expert)
-            factor = alpha / (1 - alpha)
+            factor = gate_weight * alpha / (1 - gate_weight * alpha)
             score = l_s - factor * torch.clamp(l_u - l_s, min=0)
             if tau > 0:
                 score[l_s < l_s.max() + math.log(tau)] = -math.inf

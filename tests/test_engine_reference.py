@@ -122,3 +122,128 @@ def test_guided_changes_counts_differences_from_the_steered_model(tiny_model_fac
         else:
             assert both.safety.guided_changes == 0
     assert sum(g.safety.guided_changes for g in guided) > 0
+
+
+@pytest.mark.parametrize(("mode", "expert", "tau"), [("vanilla", None, 0.0), ("safeinfer", "prompted", 0.1),
+                                                     ("sgds", "model", 0.0)])
+def test_min_new_tokens_forbids_early_end_and_equals_the_reference(mode: str, expert: str | None, tau: float,
+                                                                   tiny_model_factory: Any,
+                                                                   tiny_tokenizer: Any) -> None:
+    """The token the model picks at step 3 is made an end-of-sequence id, so generation stops there unless
+    ``min_new_tokens`` forbids it; with it, the output equals the reference loop with those ids masked."""
+    engine = _engine("llama", tiny_model_factory, tiny_tokenizer)
+    settings: dict[str, Any] = {"mode": mode, "plausibility": tau, "max_new_tokens": MAX_NEW}
+    if expert:
+        settings["unsafe_expert"] = expert
+    prompt = PROMPTS[0]
+    free = engine.generate(prompt, **settings)[0].token_ids
+    model = copy.deepcopy(engine.model)
+    model.generation_config.eos_token_id = [free[2], tiny_tokenizer.eos_token_id]
+    ended = SafeInferEngine(model, tiny_tokenizer, vector=engine.vector, unsafe_model=engine.unsafe_model,
+                            config=engine.config)
+    assert free[2] in ended.eos_ids
+    stopped = ended.generate(prompt, **settings)[0]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 3
+    longer = ended.generate(prompt, min_new_tokens=6, **settings)[0]
+    assert len(longer.token_ids) >= 6 and free[2] not in longer.token_ids[:6]
+    vector = engine.vector
+    assert vector is not None
+    unsafe_ids = (engine.formatter.encode(prompt, unsafe_prompt=engine.config.unsafe_system_prompt)
+                  if expert == "prompted" else None)
+    expected = reference_greedy(
+        model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=MAX_NEW, eos=set(ended.eos_ids),
+        vector=vector.vector.double(), layer=vector.layer, scale=vector.scale, expert=expert,
+        unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model, alpha=engine.config.alpha, tau=tau,
+        min_new_tokens=6,
+    )
+    assert list(longer.token_ids) == expected
+
+
+def test_min_new_tokens_is_validated(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    engine = _engine("llama", tiny_model_factory, tiny_tokenizer)
+    with pytest.raises(ValueError, match="min_new_tokens must be >= 0; got -1"):
+        engine.generate("hi", min_new_tokens=-1)
+
+
+def _gated_engine(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> SafeInferEngine:
+    """An engine whose vector carries a harm gate with weights well inside (0, 1) on PROMPTS."""
+    from safeinfer_integrations.vector import HarmGate
+
+    model = tiny_model_factory(arch, 0)
+    base = _vector(model)
+    hidden = model.config.get_text_config().hidden_size
+    direction = torch.randn(hidden, generator=torch.Generator().manual_seed(11)) * 0.02
+    gated = SafetyVector(vector=base.vector, layer=base.layer, scale=base.scale, gate=HarmGate(direction, layer=0))
+    return SafeInferEngine(model, tiny_tokenizer, vector=gated, unsafe_model=_unsafe_twin(model, arch),
+                           config=SafeInferConfig(alpha=0.9))
+
+
+def _reference_gate(engine: SafeInferEngine, prompt: Any) -> float:
+    """The gate weight computed independently: hidden state after the gate's layer at the last token of the
+    unsteered prompt, run alone with no cache."""
+    vector = engine.vector
+    assert vector is not None and vector.gate is not None
+    ids = torch.tensor([engine.formatter.encode(prompt)])
+    with torch.no_grad():
+        out = engine.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    return float(vector.gate.weight(out.hidden_states[vector.gate.layer + 1][:, -1, :]))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize(("mode", "expert"), [("sa", None), ("safeinfer", "prompted"),
+                                              ("safeinfer", "negated_vector"), ("sgds", "model")])
+def test_gated_greedy_equals_naive_reference(arch: str, mode: str, expert: str | None, tiny_model_factory: Any,
+                                             tiny_tokenizer: Any) -> None:
+    """With a harm gate, each row's steering is ``g * scale`` and its guidance uses ``g * alpha``; the
+    engine (gate read in the prefill) matches the reference loop given the independently computed g."""
+    engine = _gated_engine(tiny_model_factory, tiny_tokenizer, arch)
+    settings: dict[str, Any] = {"mode": mode, "plausibility": 0.0, "max_new_tokens": MAX_NEW}
+    if expert:
+        settings["unsafe_expert"] = expert
+    batch = engine.generate(PROMPTS, **settings)
+    weights = [_reference_gate(engine, prompt) for prompt in PROMPTS]
+    assert all(0.05 < w < 0.95 for w in weights), weights  # the gate really scales something
+    vector = engine.vector
+    assert vector is not None
+    for prompt, generation, weight in zip(PROMPTS, batch, weights):
+        assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-9)
+        unsafe_ids = (engine.formatter.encode(prompt, unsafe_prompt=engine.config.unsafe_system_prompt)
+                      if expert == "prompted" else None)
+        expected = reference_greedy(
+            engine.model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=MAX_NEW,
+            eos={tiny_tokenizer.eos_token_id}, vector=vector.vector.double(), layer=vector.layer,
+            scale=vector.scale, expert=expert, unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model,
+            alpha=engine.config.alpha, gate_weight=weight,
+        )
+        assert list(generation.token_ids) == expected
+
+
+def test_one_token_prompts_take_the_single_pass_prefill(tiny_model_factory: Any, tiny_tokenizer: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row with a one-token prompt cannot be split into prefix + last token; the batch then runs the
+    prompt in one pass, with the same results as the reference loop. Longer prompts are split."""
+    import safeinfer_integrations.engine as engine_module
+
+    forks: list[int] = []
+    real_fork = engine_module._fork
+    monkeypatch.setattr(engine_module, "_fork", lambda cache: forks.append(1) or real_fork(cache))
+    engine = _gated_engine(tiny_model_factory, tiny_tokenizer, "llama")
+    engine.generate(["The capital of France is"], mode="sa", max_new_tokens=1)
+    assert forks  # split prefill: the gate ran on a fork of the prompt cache
+    forks.clear()
+    one = [tiny_tokenizer.decode(engine.formatter.encode("Paris")[:1])]
+    assert len(engine.formatter.encode(one[0])) == 1
+    prompts: list[Any] = one + ["The capital of France is"]
+    vector = engine.vector
+    assert vector is not None
+    for mode, expert in (("safeinfer", "negated_vector"), ("sa", None)):
+        batch = engine.generate(prompts, mode=mode, unsafe_expert=expert, plausibility=0.0, max_new_tokens=6)
+        for prompt, generation in zip(prompts, batch):
+            expected = reference_greedy(
+                engine.model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=6,
+                eos={tiny_tokenizer.eos_token_id}, vector=vector.vector.double(), layer=vector.layer,
+                scale=vector.scale, expert=expert, alpha=engine.config.alpha,
+                gate_weight=_reference_gate(engine, prompt),
+            )
+            assert list(generation.token_ids) == expected
+    assert not forks  # one pass: no cache was forked

@@ -15,6 +15,7 @@ import pytest
 DATA_DIR = Path(__file__).resolve().parents[1] / "safeinfer_integrations" / "data"
 HARMFUL = DATA_DIR / "harmful_demos.jsonl"
 BENIGN = DATA_DIR / "benign_prompts.jsonl"
+BENIGN_EVAL = DATA_DIR / "benign_eval.jsonl"  # evaluation only; checked together with BENIGN below
 HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
 
 CATEGORIES = [
@@ -76,7 +77,7 @@ def harmful() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def benign() -> list[dict]:
-    return _load(BENIGN)
+    return _load(BENIGN) + _load(BENIGN_EVAL)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def helpful() -> list[dict]:
     return _load(HELPFUL)
 
 
-@pytest.mark.parametrize("path", [HARMFUL, BENIGN, HELPFUL], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, HELPFUL], ids=lambda p: p.name)
 def test_file_exists_and_parses(path: Path) -> None:
     assert path.is_file(), f"missing {path}"
     assert _load(path), f"{path.name} is empty"
@@ -129,7 +130,7 @@ def test_benign_schema_and_kinds(benign: list[dict]) -> None:
     kinds = Counter(row["kind"] for row in benign)
     assert kinds["ordinary"] >= 50, kinds
     assert kinds["sensitive_sounding"] >= 50, kinds
-    assert len(benign) >= 150
+    assert len(benign) >= 250
 
 
 def test_helpfulness_schema(helpful: list[dict]) -> None:

@@ -29,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from ..demos import benign_prompts
+
 Kind = Literal["harmful", "benign", "qa"]
 KINDS: tuple[str, ...] = ("harmful", "benign", "qa")
 
@@ -36,7 +38,7 @@ QUESTION_COLUMNS: tuple[str, ...] = ("question", "prompt", "goal", "instruction"
 CATEGORY_COLUMNS: tuple[str, ...] = ("category", "topic", "subcategory", "type")
 ANSWER_COLUMNS: tuple[str, ...] = ("answers", "answer", "reference", "references")
 DEFAULT_CATEGORY = "all"
-SHIPPED_BENIGN = "benign_prompts.jsonl"
+SHIPPED_BENIGN = "benign_eval.jsonl"
 SHIPPED_QA = "helpfulness_qa.jsonl"
 _HEX_PHI_NAME = re.compile(r"^category_?(\d+)$", re.IGNORECASE)
 
@@ -198,8 +200,11 @@ def load_many(paths: Sequence[str | os.PathLike[str]], kind: Kind, **columns: st
 
 
 def default_benign() -> list[EvalItem]:
-    """The shipped benign prompts (152: ordinary and sensitive-sounding), categorised by ``kind``."""
-    rows = _read_records(shipped_path(SHIPPED_BENIGN))
+    """The held-out benign prompts (150: ordinary and sensitive-sounding), categorised by ``kind``: the
+    ``evaluation`` split of ``benign_prompts.jsonl`` (50; its other splits fit the harm gate and calibrate
+    the vector) and ``benign_eval.jsonl`` (100, used for nothing but evaluation)."""
+    held_out = [{"question": p.question, "kind": p.kind} for p in benign_prompts("evaluation")]
+    rows = held_out + _read_records(shipped_path(SHIPPED_BENIGN))
     return [
         EvalItem("benign", row["question"], row.get("kind") or row.get("category") or DEFAULT_CATEGORY)
         for row in rows

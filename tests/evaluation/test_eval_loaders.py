@@ -116,11 +116,20 @@ def test_duplicates_are_kept(tmp_path: Path) -> None:
 
 def test_shipped_sets() -> None:
     benign, qa = default_benign(), default_qa()
-    assert len(benign) == 152 and Counter(i.category for i in benign) == {
-        "ordinary": 77,
-        "sensitive_sounding": 75,
-    }
+    counts = Counter(i.category for i in benign)
+    assert len(benign) == 150 and set(counts) == {"ordinary", "sensitive_sounding"} and min(counts.values()) >= 70
     assert len(qa) == 134 and all(i.answers for i in qa)
+
+
+def test_shipped_benign_set_is_held_out() -> None:
+    """No default benign question was used to fit the harm gate or to calibrate the vector."""
+    from safeinfer_integrations.demos import benign_prompts
+
+    used = {p.question.lower() for split in ("gate", "calibration") for p in benign_prompts(split)}  # type: ignore[arg-type]
+    questions = [i.question.lower() for i in default_benign()]
+    assert len(set(questions)) == len(questions)
+    assert not used & set(questions)
+    assert {p.question.lower() for p in benign_prompts("evaluation")} <= set(questions)
 
 
 @pytest.mark.skipif(not HARMEVAL.is_file(), reason="HarmEval.csv not available at ../shared/data/harmeval")

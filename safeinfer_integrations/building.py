@@ -13,8 +13,9 @@ Steps (docs/vectors.md explains each choice):
 5. A harm gate fitted on harmful (build split) vs benign (gate split) questions (`gate.fit_gate`).
 
 Deterministic given the seed. For the default model, layer and scale default to the calibrated choice in
-``vectors/calibration.json`` (so the command reproduces the shipped vector); for other models, to a
-quarter of the depth (the paper's layer 8 of 32) and scale 1.0.
+``vectors/fv/calibration.json`` (the shipped function vector, ``vectors/fv/SmolLM2-135M-Instruct.safetensors``,
+kept as the paper's reference; the default vector is the optimised one, see `optimize`); for other models,
+to a quarter of the depth (the paper's layer 8 of 32) and scale 1.0.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .vector import SafetyVector
 
 BUILDER_VERSION = "1.0"
 CORRUPTION = "zero-shot: the query with no demonstrations"
-CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FILE = "fv/calibration.json"
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def answer_first_tokens(tokenizer: Any, answers: list[str]) -> list[int]:
 
 
 def shipped_calibration() -> dict[str, Any] | None:
-    """The calibration table shipped with the default model's vector, if any."""
+    """The calibration table shipped with the default model's function vector, if any."""
     path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(CALIBRATION_FILE)
     if not path.is_file():
         return None

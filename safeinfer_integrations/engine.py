@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from .architecture import context_window
 from .config import SafeInferConfig, SamplingSettings, split_settings
@@ -495,9 +495,12 @@ class SafeInferEngine:
         last (unsteered, once), then the last token with the steering coefficients. In between, the gate
         reads the last token's hidden state on a fork of the cache (one token, layers up to the gate's),
         and the ``negated_vector`` twins, whose prompts equal their safe rows', copy those rows' cache
-        instead of recomputing it. Prompts with fewer than two tokens in some row take one pass."""
+        instead of recomputing it. One pass instead when some row's prompt has fewer than two tokens, when
+        the cache is not made of plain `DynamicLayer`s, or when the model is not a transformers
+        `PreTrainedModel` (whose cache semantics the split relies on)."""
         config, shared = plan.config, plan.shares_weights
-        split = ids.shape[1] > 1 and int(mask.sum(-1).min()) >= 2 and _forkable(cache)
+        split = (isinstance(self._model, PreTrainedModel) and ids.shape[1] > 1 and int(mask.sum(-1).min()) >= 2
+                 and _forkable(cache))
         if split:
             twins_copy = shared and plan.expert == "negated_vector"
             rows = n if twins_copy else ids.shape[0]

@@ -3,9 +3,9 @@
 Each round runs every configuration once, in a rotating order, so machine noise hits all of them alike;
 the median over rounds is reported. Every run generates exactly ``max_new_tokens`` tokens per row
 (``min_new_tokens`` forbids an early end of sequence), so all configurations pay for the same number of
-decode steps and the same prefill share; otherwise a mode that answers shorter looks slower per token. Speeds are printed as time-per-token ratios to ``generate()``
-(1.00 = as fast; the targets on the default model are sa <= 1.03, safeinfer with a same-weights expert
-<= 1.3, with a separate expert model <= 2.1).
+decode steps and the same prefill share; otherwise a mode that answers shorter looks slower per token.
+Speeds are printed as time-per-token ratios to ``generate()`` (1.00 = as fast; the targets on the default
+model are sa <= 1.03, safeinfer with a same-weights expert <= 1.3, with a separate expert model <= 2.1).
 """
 
 from __future__ import annotations

@@ -108,11 +108,11 @@ def _fork(cache: Any) -> Any:
     return fork
 
 
-def _rows(cache: Any, n: int, rows: int) -> Any:
+def _rows(cache: Any, n: int, rows: int, device: torch.device) -> Any:
     """A fork of ``cache`` holding its first ``n`` of ``rows`` batch rows."""
     fork = _fork(cache)
     if rows != n:
-        fork.batch_select_indices(torch.arange(n, device=cache.layers[0].keys.device))
+        fork.batch_select_indices(torch.arange(n, device=device))
     return fork
 
 
@@ -505,7 +505,8 @@ class SafeInferEngine:
             twins_copy = shared and plan.expert == "negated_vector"
             rows = n if twins_copy else ids.shape[0]
             _forward(self._model, ids[:rows, :-1], mask[:rows, :-1], positions[:rows, :-1], cache)
-            gate = self._gate_weights(plan, ids[:n, -1:], mask[:n], positions[:n, -1:], cache=_rows(cache, n, rows))
+            safe_cache = _rows(cache, n, rows, ids.device)
+            gate = self._gate_weights(plan, ids[:n, -1:], mask[:n], positions[:n, -1:], cache=safe_cache)
             if twins_copy:
                 cache.batch_select_indices(torch.cat([torch.arange(n), torch.arange(n)]).to(self.device))
         else:

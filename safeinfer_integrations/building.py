@@ -174,7 +174,8 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
     }
     if gate_fit is not None:
         metadata["gate"] = {
-            "kind": "difference of means + 1-D logistic regression",
+            "kind": "probe: L2-penalised logistic regression on standardised hidden features",
+            "method": "probe",
             "layer": gate_fit.gate.layer,
             "fit_data": "harmful: build split; benign: gate split",
             "n_harmful": gate_fit.n_harmful, "n_benign": gate_fit.n_benign,

@@ -155,7 +155,7 @@ def test_build_is_deterministic_and_recorded(tiny_model_factory: Any, tiny_token
     assert meta["config_hash"] == model_shape(model).config_hash()
     assert meta["dataset_hash"] == demos.dataset_hash()
     assert meta["model_name"] == "tiny" and meta["builder_version"]
-    assert meta["gate"]["layer"] == first.vector.gate.layer
+    assert meta["gate"]["layer"] == first.vector.gate.layer and meta["gate"]["method"] == "probe"
     assert (first.vector.layer, first.vector.scale) == (1, 2.0)
 
 

@@ -50,13 +50,15 @@ def engine_section() -> None:
     print("=" * 80)
     print(f"1. Engine: {engine.model_name}, safety vector "
           f"{vector.vector_id + f' (layer {vector.layer}, scale {vector.scale})' if vector else 'none shipped yet'}")
+    print("gate = the harm gate's weight for the request: 1 steers fully, 0 leaves the answer alone.")
     print("=" * 80)
     mode = "safeinfer" if vector is not None else "sgds"
     prompts = [[{"role": "user", "content": q}] for q in HARMFUL + BENIGN]
     plain = engine.generate(prompts, mode="vanilla", max_new_tokens=MAX_NEW_TOKENS)
     safe = engine.generate(prompts, mode=mode, max_new_tokens=MAX_NEW_TOKENS)
     for question, a, b in zip(HARMFUL + BENIGN, plain, safe):
-        _columns(question, a.text, b.text + f"  [guided changes: {b.safety.guided_changes}]")
+        gate = "" if b.safety.gate_weight is None else f"gate {b.safety.gate_weight:.2f}, "
+        _columns(question, a.text, b.text + f"  [{gate}guided changes: {b.safety.guided_changes}]")
 
 
 def _section(number: int, title: str, load: Callable[[], Callable[..., str]], questions: list[str]) -> None:

@@ -16,6 +16,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "safeinfer_integrations" / "dat
 HARMFUL = DATA_DIR / "harmful_demos.jsonl"
 BENIGN = DATA_DIR / "benign_prompts.jsonl"
 BENIGN_EVAL = DATA_DIR / "benign_eval.jsonl"  # evaluation only; checked together with BENIGN below
+EVERYDAY = DATA_DIR / "harmful_everyday.jsonl"  # harmful requests phrased like everyday questions
 HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
 
 CATEGORIES = [
@@ -85,7 +86,7 @@ def helpful() -> list[dict]:
     return _load(HELPFUL)
 
 
-@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, HELPFUL], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, HELPFUL], ids=lambda p: p.name)
 def test_file_exists_and_parses(path: Path) -> None:
     assert path.is_file(), f"missing {path}"
     assert _load(path), f"{path.name} is empty"
@@ -185,3 +186,13 @@ def test_no_near_duplicate_prompts(harmful: list[dict], benign: list[dict]) -> N
         if union and len(toks[i] & toks[j]) / len(union) >= 0.8:
             near.append((rows[i], rows[j]))
     assert not near, f"near-duplicate prompts: {near[:5]}"
+
+
+def test_everyday_harmful_requests(harmful: list[dict], benign: list[dict], helpful: list[dict]) -> None:
+    rows = _load(EVERYDAY)
+    assert Counter(row["category"] for row in rows) == {category: 4 for category in CATEGORIES}
+    assert all(set(row) == {"question", "category"} and row["question"].strip() for row in rows)
+    questions = [_norm(row["question"]) for row in rows]
+    assert len(set(questions)) == len(questions)
+    others = {_norm(r["question"]) for r in harmful + benign + helpful}
+    assert not set(questions) & others

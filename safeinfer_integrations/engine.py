@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from .architecture import context_window
 from .config import SafeInferConfig, SamplingSettings, split_settings
@@ -95,9 +96,10 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch
 
 
 def _forkable(cache: Any) -> bool:
-    """Whether ``cache`` is a layered cache whose layers rebind (not mutate) their tensors on update."""
+    """Whether ``cache`` is a layered cache whose layers rebind (not mutate) their tensors on update: plain
+    `DynamicLayer`s only (not its subclasses, such as the sliding-window layer)."""
     layers = getattr(cache, "layers", None)
-    return isinstance(layers, list) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+    return isinstance(layers, list) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _fork(cache: Any) -> Any:
@@ -474,13 +476,14 @@ class SafeInferEngine:
     def _gate_weights(self, plan: _Plan, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                       cache: Any = None) -> torch.Tensor | None:
         """Per-request gate weights from the unsteered prompt's hidden state (None: no gate). With ``cache``
-        (the prompt's KV cache up to its last token), only the last token is run, on a fork of the cache."""
+        (a fork of the prompt's KV cache up to its last token, which this pass extends), only the last token
+        is run."""
         vector = plan.vector if plan.vector is not None else self._vector
         if not plan.config.gate or vector is None or vector.gate is None:
             return None
         if not (plan.config.amplified or plan.config.guided):
             return None
-        extra = {"cache": _fork(cache), "use_cache": True} if cache is not None else {}
+        extra = {"cache": cache, "use_cache": True} if cache is not None else {}
         hidden = hidden_after_layer(self._model, vector.gate.layer, input_ids=ids, attention_mask=mask,
                                     position_ids=positions, **extra)
         return vector.gate.weight(hidden[:, -1, :])

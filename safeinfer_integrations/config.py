@@ -108,11 +108,6 @@ class SafeInferConfig(BaseModel):
         """Whether Safety Amplification (the vector) is added to the safe rows."""
         return self.mode in ("sa", "safeinfer")
 
-    @property
-    def guidance_factor(self) -> float:
-        """alpha / (1 - alpha): the penalty factor of the closed-form sGDS score."""
-        return self.alpha / (1.0 - self.alpha)
-
     def with_overrides(self, overrides: Mapping[str, Any]) -> SafeInferConfig:
         """A new, validated config with ``overrides`` applied (``model_copy`` would skip validation).
         An override of None keeps the current value, so callers can pass unset options through."""

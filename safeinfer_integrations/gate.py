@@ -6,8 +6,8 @@ does (the prompt rendered with the chat template, unsteered). Two fits, both det
 - ``probe`` (the default): an L2-penalised, class-balanced logistic regression on all standardised
   hidden features, solved by Newton's method. Folded back into raw hidden space it is still one
   direction and a bias. Layer choice: the best 2-fold cross-validated AUC (fit on one half, score on
-  the other; ties: the lower layer). On the default model's held-in split this fit scores AUC 0.999
-  (1 of 41 benign prompts above 0.5), where the mean difference scores 0.952 (6 of 41).
+  the other; ties: the lower layer). On the default model's held-in split this fit (layer 16) scores
+  AUC 0.991 (no benign prompt of 41 above 0.5), where the mean difference scores 0.952 (6 of 41).
 - ``mean_difference``: the direction ``mean(harmful) - mean(benign)``, layer chosen the same way, then
   a one-dimensional logistic regression of the standardised projection.
 
@@ -122,6 +122,8 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
     ``l2`` defaults to 0.01 for ``probe`` and 0.1 for ``mean_difference``."""
     if method not in GATE_METHODS:
         raise ValueError(f"gate method must be one of {', '.join(GATE_METHODS)}; got {method!r}")
+    if l2 is None:
+        l2 = 0.01 if method == "probe" else 0.1
     if harmful.shape[0] != benign.shape[0] or harmful.shape[-1] != benign.shape[-1]:
         raise ValueError("harmful and benign hidden states must have the same layers and hidden size")
     if harmful.shape[1] < 4 or benign.shape[1] < 4:
@@ -141,7 +143,7 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
         total = 0.0
         for fit_h, test_h, fit_b, test_b in folds:
             if method == "probe":
-                direction, _ = _probe(h[fit_h], b[fit_b], 0.01 if l2 is None else l2)
+                direction, _ = _probe(h[fit_h], b[fit_b], l2)
             else:
                 direction = h[fit_h].mean(0) - b[fit_b].mean(0)
             total += auc(h[test_h] @ direction, b[test_b] @ direction)
@@ -150,7 +152,7 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
     h, b = harmful[best], benign[best]
     y = torch.cat([torch.ones(len(h)), torch.zeros(len(b))]).double()
     if method == "probe":
-        direction, bias = _probe(h, b, 0.01 if l2 is None else l2)
+        direction, bias = _probe(h, b, l2)
         gate = HarmGate(direction=direction, layer=best, bias=bias, floor=floor)
         return _result(gate, h, b, y, scores)
     direction = h.mean(0) - b.mean(0)
@@ -160,7 +162,7 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
     spread = float(torch.cat([ph - ph.mean(), pb - pb.mean()]).std().clamp_min(1e-12))
     z = (torch.cat([ph, pb]) - middle) / spread
     weights = _balanced_weights(len(ph), len(pb))
-    slope, intercept = _logistic_1d(z, y, weights * len(y), 0.1 if l2 is None else l2)
+    slope, intercept = _logistic_1d(z, y, weights * len(y), l2)
     gate = HarmGate(direction=(slope / spread) * unit, layer=best,
                     bias=intercept - slope * middle / spread, floor=floor)
     return _result(gate, h, b, y, scores)

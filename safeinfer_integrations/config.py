@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 Mode = Literal["vanilla", "sa", "sgds", "safeinfer"]
 UnsafeExpert = Literal["model", "prompted", "negated_vector"]
@@ -135,18 +135,12 @@ class SamplingSettings(BaseModel):
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
-    @field_validator("max_new_tokens")
+    @field_validator("max_new_tokens", "min_new_tokens")
     @classmethod
-    def _check_max_new(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"max_new_tokens must be >= 1; got {value!r}")
-        return value
-
-    @field_validator("min_new_tokens")
-    @classmethod
-    def _check_min_new(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"min_new_tokens must be >= 0; got {value!r}")
+    def _check_token_count(cls, value: int, info: ValidationInfo) -> int:
+        least = {"max_new_tokens": 1, "min_new_tokens": 0}[info.field_name]
+        if value < least:
+            raise ValueError(f"{info.field_name} must be >= {least}; got {value!r}")
         return value
 
     @field_validator("temperature")

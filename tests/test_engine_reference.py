@@ -61,7 +61,10 @@ def _engine(arch: str, tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInfe
                            config=SafeInferConfig(alpha=0.9))
 
 
-def _reference(engine: SafeInferEngine, prompt: Any, mode: str, expert: str | None, tau: float) -> list[int]:
+def _reference(engine: SafeInferEngine, prompt: Any, mode: str, expert: str | None, tau: float, *,
+               model: Any = None, eos: set[int] | None = None, max_new: int = MAX_NEW, **extra: Any) -> list[int]:
+    """The reference loop with the engine's vector, prompts and alpha; ``model`` and ``eos`` default to the
+    engine's model and the tokenizer's end of sequence; ``extra`` goes to `reference_greedy`."""
     vector = engine.vector
     assert vector is not None
     config = engine.config
@@ -69,10 +72,10 @@ def _reference(engine: SafeInferEngine, prompt: Any, mode: str, expert: str | No
     if expert == "prompted":
         unsafe_ids = engine.formatter.encode(prompt, unsafe_prompt=config.unsafe_system_prompt)
     return reference_greedy(
-        engine.model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=MAX_NEW,
-        eos={engine.tokenizer.eos_token_id}, vector=vector.vector.double(), layer=vector.layer,
-        scale=vector.scale, expert=expert, unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model,
-        alpha=config.alpha, tau=tau,
+        engine.model if model is None else model, engine.formatter.encode(prompt), mode=mode,
+        max_new_tokens=max_new, eos={engine.tokenizer.eos_token_id} if eos is None else eos,
+        vector=vector.vector.double(), layer=vector.layer, scale=vector.scale, expert=expert,
+        unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model, alpha=config.alpha, tau=tau, **extra,
     )
 
 
@@ -146,16 +149,7 @@ def test_min_new_tokens_forbids_early_end_and_equals_the_reference(mode: str, ex
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 3
     longer = ended.generate(prompt, min_new_tokens=6, **settings)[0]
     assert len(longer.token_ids) >= 6 and free[2] not in longer.token_ids[:6]
-    vector = engine.vector
-    assert vector is not None
-    unsafe_ids = (engine.formatter.encode(prompt, unsafe_prompt=engine.config.unsafe_system_prompt)
-                  if expert == "prompted" else None)
-    expected = reference_greedy(
-        model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=MAX_NEW, eos=set(ended.eos_ids),
-        vector=vector.vector.double(), layer=vector.layer, scale=vector.scale, expert=expert,
-        unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model, alpha=engine.config.alpha, tau=tau,
-        min_new_tokens=6,
-    )
+    expected = _reference(engine, prompt, mode, expert, tau, model=model, eos=set(ended.eos_ids), min_new_tokens=6)
     assert list(longer.token_ids) == expected
 
 
@@ -203,18 +197,9 @@ def test_gated_greedy_equals_naive_reference(arch: str, mode: str, expert: str |
     batch = engine.generate(PROMPTS, **settings)
     weights = [_reference_gate(engine, prompt) for prompt in PROMPTS]
     assert all(0.05 < w < 0.95 for w in weights), weights  # the gate really scales something
-    vector = engine.vector
-    assert vector is not None
     for prompt, generation, weight in zip(PROMPTS, batch, weights):
         assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-9)
-        unsafe_ids = (engine.formatter.encode(prompt, unsafe_prompt=engine.config.unsafe_system_prompt)
-                      if expert == "prompted" else None)
-        expected = reference_greedy(
-            engine.model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=MAX_NEW,
-            eos={tiny_tokenizer.eos_token_id}, vector=vector.vector.double(), layer=vector.layer,
-            scale=vector.scale, expert=expert, unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model,
-            alpha=engine.config.alpha, gate_weight=weight,
-        )
+        expected = _reference(engine, prompt, mode, expert, 0.0, gate_weight=weight)
         assert list(generation.token_ids) == expected
 
 
@@ -234,16 +219,10 @@ def test_one_token_prompts_take_the_single_pass_prefill(tiny_model_factory: Any,
     one = [tiny_tokenizer.decode(engine.formatter.encode("Paris")[:1])]
     assert len(engine.formatter.encode(one[0])) == 1
     prompts: list[Any] = one + ["The capital of France is"]
-    vector = engine.vector
-    assert vector is not None
     for mode, expert in (("safeinfer", "negated_vector"), ("sa", None)):
         batch = engine.generate(prompts, mode=mode, unsafe_expert=expert, plausibility=0.0, max_new_tokens=6)
         for prompt, generation in zip(prompts, batch):
-            expected = reference_greedy(
-                engine.model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=6,
-                eos={tiny_tokenizer.eos_token_id}, vector=vector.vector.double(), layer=vector.layer,
-                scale=vector.scale, expert=expert, alpha=engine.config.alpha,
-                gate_weight=_reference_gate(engine, prompt),
-            )
+            expected = _reference(engine, prompt, mode, expert, 0.0, max_new=6,
+                                  gate_weight=_reference_gate(engine, prompt))
             assert list(generation.token_ids) == expected
     assert not forks  # one pass: no cache was forked

@@ -87,9 +87,13 @@ class SafetyVector:
 
     @property
     def vector_id(self) -> str:
-        """A short content hash: identical vectors, layers and scales share an id."""
+        """A short content hash: identical vectors, layers, scales and harm gates share an id. The gate is
+        part of it because it changes what the vector does (a refitted gate is a new id)."""
         digest = hashlib.sha256(self.vector.numpy().tobytes())
         digest.update(f"{self.layer}:{self.scale!r}".encode())
+        if self.gate is not None:
+            digest.update(self.gate.direction.numpy().tobytes())
+            digest.update(f"gate:{self.gate.layer}:{self.gate.bias!r}:{self.gate.floor!r}".encode())
         return "sv-" + digest.hexdigest()[:10]
 
     def with_settings(self, *, layer: int | None = None, scale: float | None = None) -> SafetyVector:

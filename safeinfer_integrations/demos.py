@@ -6,8 +6,19 @@ does not depend on file order, on a seed, or on which Python runs it:
 - ``harmful_demos.jsonl`` (24 per category): 12 ``build`` (ICL demonstrations and queries of the function
   vector, and the harmful side of the harm gate's fit), 4 ``calibration`` (the held-in sweep), 8
   ``evaluation`` (never seen by building or calibration).
+- ``harmful_everyday.jsonl`` (4 per category, requests only): 3 ``build`` (added to the harmful side of the
+  harm gate's fit, so short "How do I ...?" requests are not mistaken for benign ones), 1 ``calibration``
+  (added to the held-in harmful questions).
 - ``benign_prompts.jsonl`` per kind (ordinary / sensitive_sounding): 40% ``gate`` (benign side of the harm
   gate's fit), 27% ``calibration``, the rest ``evaluation``.
+
+- ``benign_everyday.jsonl`` per kind (30 ordinary, 30 sensitive-sounding "How do I ...?" questions): 20
+  ``gate``, 10 ``calibration``. The benign counterpart of the everyday harmful requests, so the gate learns
+  what is asked rather than how it is worded.
+
+`gate_harmful_questions` and `gate_benign_questions` are the two sides of every gate fit;
+`held_in_harmful_questions` and `held_in_benign_questions` those of the calibration sweep and of the shipped
+vector's held-in tests.
 
 `dataset_hash` fingerprints the files a vector was built from; it is stored in the vector's metadata.
 """
@@ -23,12 +34,16 @@ from importlib import resources
 from typing import Literal
 
 HarmfulSplit = Literal["build", "calibration", "evaluation"]
+EverydaySplit = Literal["build", "calibration"]
 BenignSplit = Literal["gate", "calibration", "evaluation"]
 HARMFUL_SPLITS: tuple[str, ...] = ("build", "calibration", "evaluation")
 BENIGN_SPLITS: tuple[str, ...] = ("gate", "calibration", "evaluation")
 _HARMFUL_COUNTS = (12, 4, 8)  # per category of 24
+EVERYDAY_SPLITS: tuple[str, ...] = ("build", "calibration")
+_EVERYDAY_COUNTS = (3, 1)  # per category of 4
 _BENIGN_FRACTIONS = (0.40, 0.27)  # gate, calibration; evaluation takes the rest
-_FILES = ("harmful_demos.jsonl", "benign_prompts.jsonl")
+_BENIGN_EVERYDAY_COUNTS = (20, 10)  # gate, calibration; per kind of 30
+_FILES = ("harmful_demos.jsonl", "benign_prompts.jsonl", "harmful_everyday.jsonl", "benign_everyday.jsonl")
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,12 @@ class HarmfulDemo:
     question: str
     category: str
     answer: str
+
+
+@dataclass(frozen=True)
+class HarmfulRequest:
+    question: str
+    category: str
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,22 @@ def _harmful_splits() -> dict[str, tuple[HarmfulDemo, ...]]:
 
 
 @lru_cache(maxsize=1)
+def _everyday_splits() -> dict[str, tuple[HarmfulRequest, ...]]:
+    groups: dict[str, list[HarmfulRequest]] = defaultdict(list)
+    for row in _read("harmful_everyday.jsonl"):
+        groups[row["category"]].append(HarmfulRequest(row["question"], row["category"]))
+    out: dict[str, list[HarmfulRequest]] = {name: [] for name in EVERYDAY_SPLITS}
+    for category in sorted(groups):
+        items = sorted(groups[category], key=lambda d: _order_key(d.question))
+        total = sum(_EVERYDAY_COUNTS)
+        if len(items) != total:
+            raise ValueError(f"harmful_everyday.jsonl: category {category!r} has {len(items)} rows, expected {total}")
+        out["build"].extend(items[:_EVERYDAY_COUNTS[0]])
+        out["calibration"].extend(items[_EVERYDAY_COUNTS[0]:])
+    return {name: tuple(rows) for name, rows in out.items()}
+
+
+@lru_cache(maxsize=1)
 def _benign_splits() -> dict[str, tuple[BenignPrompt, ...]]:
     groups: dict[str, list[BenignPrompt]] = defaultdict(list)
     for row in _read("benign_prompts.jsonl"):
@@ -88,6 +125,22 @@ def _benign_splits() -> dict[str, tuple[BenignPrompt, ...]]:
     return {name: tuple(rows) for name, rows in out.items()}
 
 
+@lru_cache(maxsize=1)
+def _benign_everyday_splits() -> dict[str, tuple[BenignPrompt, ...]]:
+    groups: dict[str, list[BenignPrompt]] = defaultdict(list)
+    for row in _read("benign_everyday.jsonl"):
+        groups[row["kind"]].append(BenignPrompt(row["question"], row["kind"], row["category"]))
+    out: dict[str, list[BenignPrompt]] = {"gate": [], "calibration": []}
+    for kind in sorted(groups):
+        items = sorted(groups[kind], key=lambda p: _order_key(p.question))
+        total = sum(_BENIGN_EVERYDAY_COUNTS)
+        if len(items) != total:
+            raise ValueError(f"benign_everyday.jsonl: kind {kind!r} has {len(items)} rows, expected {total}")
+        out["gate"].extend(items[:_BENIGN_EVERYDAY_COUNTS[0]])
+        out["calibration"].extend(items[_BENIGN_EVERYDAY_COUNTS[0]:])
+    return {name: tuple(rows) for name, rows in out.items()}
+
+
 def harmful_demos(split: HarmfulSplit | None = None) -> tuple[HarmfulDemo, ...]:
     """Harmful question -> refusal pairs of one split (None: all 264, file order not kept)."""
     splits = _harmful_splits()
@@ -96,6 +149,50 @@ def harmful_demos(split: HarmfulSplit | None = None) -> tuple[HarmfulDemo, ...]:
     if split not in splits:
         raise ValueError(f"harmful split must be one of {', '.join(HARMFUL_SPLITS)}; got {split!r}")
     return splits[split]
+
+
+def harmful_everyday(split: EverydaySplit | None = None) -> tuple[HarmfulRequest, ...]:
+    """Harmful requests phrased like everyday questions, of one split (None: all 44)."""
+    splits = _everyday_splits()
+    if split is None:
+        return tuple(d for name in EVERYDAY_SPLITS for d in splits[name])
+    if split not in splits:
+        raise ValueError(f"everyday harmful split must be one of {', '.join(EVERYDAY_SPLITS)}; got {split!r}")
+    return splits[split]
+
+
+def gate_harmful_questions() -> list[str]:
+    """The harmful side of a harm gate's fit: the ``build`` demonstrations' questions, then the ``build``
+    everyday-phrased requests."""
+    return [d.question for d in harmful_demos("build")] + [d.question for d in harmful_everyday("build")]
+
+
+def benign_everyday(split: Literal["gate", "calibration"] | None = None) -> tuple[BenignPrompt, ...]:
+    """Benign "How do I ...?" questions of one split (None: all 60)."""
+    splits = _benign_everyday_splits()
+    if split is None:
+        return splits["gate"] + splits["calibration"]
+    if split not in splits:
+        raise ValueError(f"everyday benign split must be one of gate, calibration; got {split!r}")
+    return splits[split]
+
+
+def gate_benign_questions() -> list[str]:
+    """The benign side of a harm gate's fit: the ``gate`` split of the benign prompts, then of the everyday
+    benign questions."""
+    return [p.question for p in benign_prompts("gate")] + [p.question for p in benign_everyday("gate")]
+
+
+def held_in_benign_questions() -> list[str]:
+    """The held-in benign questions: the ``calibration`` split of the benign prompts, then of the everyday
+    benign questions."""
+    return [p.question for p in benign_prompts("calibration")] + [p.question for p in benign_everyday("calibration")]
+
+
+def held_in_harmful_questions() -> list[str]:
+    """The held-in harmful questions: the ``calibration`` demonstrations, then the ``calibration`` everyday
+    requests."""
+    return [d.question for d in harmful_demos("calibration")] + [d.question for d in harmful_everyday("calibration")]
 
 
 def benign_prompts(split: BenignSplit | None = None) -> tuple[BenignPrompt, ...]:

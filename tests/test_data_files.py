@@ -17,6 +17,7 @@ HARMFUL = DATA_DIR / "harmful_demos.jsonl"
 BENIGN = DATA_DIR / "benign_prompts.jsonl"
 BENIGN_EVAL = DATA_DIR / "benign_eval.jsonl"  # evaluation only; checked together with BENIGN below
 EVERYDAY = DATA_DIR / "harmful_everyday.jsonl"  # harmful requests phrased like everyday questions
+BENIGN_EVERYDAY = DATA_DIR / "benign_everyday.jsonl"  # their benign counterpart; checked together with BENIGN
 HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
 
 CATEGORIES = [
@@ -78,7 +79,7 @@ def harmful() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def benign() -> list[dict]:
-    return _load(BENIGN) + _load(BENIGN_EVAL)
+    return _load(BENIGN) + _load(BENIGN_EVAL) + _load(BENIGN_EVERYDAY)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def helpful() -> list[dict]:
     return _load(HELPFUL)
 
 
-@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, HELPFUL], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, HELPFUL], ids=lambda p: p.name)
 def test_file_exists_and_parses(path: Path) -> None:
     assert path.is_file(), f"missing {path}"
     assert _load(path), f"{path.name} is empty"
@@ -131,7 +132,8 @@ def test_benign_schema_and_kinds(benign: list[dict]) -> None:
     kinds = Counter(row["kind"] for row in benign)
     assert kinds["ordinary"] >= 50, kinds
     assert kinds["sensitive_sounding"] >= 50, kinds
-    assert len(benign) >= 250
+    assert len(benign) >= 310
+    assert Counter(row["kind"] for row in _load(BENIGN_EVERYDAY)) == {"ordinary": 30, "sensitive_sounding": 30}
 
 
 def test_helpfulness_schema(helpful: list[dict]) -> None:

@@ -10,7 +10,8 @@ Steps (docs/vectors.md explains each choice):
    a refusal, so shuffled demonstrations still teach refusing. Target: the probability mass of the set of
    first tokens of the build split's answers (" I", " Sor"(ry), " That", ...), since answers vary.
 4. FV = sum over the top ``heads`` heads of the output projection of each head's block.
-5. A harm gate fitted on harmful (build split) vs benign (gate split) questions (`gate.fit_gate`).
+5. A harm gate fitted on harmful (build splits) vs benign (gate splits) questions, everyday-phrased ones
+   included (`demos.gate_harmful_questions`, `demos.gate_benign_questions`, `gate.fit_gate`).
 
 Deterministic given the seed. For the default model, layer and scale default to the calibrated choice in
 ``vectors/fv/calibration.json`` (the shipped function vector, ``vectors/fv/SmolLM2-135M-Instruct.safetensors``,
@@ -150,8 +151,8 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
 
     gate_fit = None
     if gate:
-        gate_fit = fit_gate(model, tokenizer, [d.question for d in pool],
-                            [p.question for p in data.benign_prompts("gate")], progress=progress)
+        gate_fit = fit_gate(model, tokenizer, data.gate_harmful_questions(),
+                            data.gate_benign_questions(), progress=progress)
     metadata: dict[str, Any] = {
         "model_name": model_name,
         "config_hash": shape.config_hash(),
@@ -177,7 +178,7 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
             "kind": "probe: L2-penalised logistic regression on standardised hidden features",
             "method": "probe",
             "layer": gate_fit.gate.layer,
-            "fit_data": "harmful: build split; benign: gate split",
+            "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)",
             "n_harmful": gate_fit.n_harmful, "n_benign": gate_fit.n_benign,
             "cv_auc": round(gate_fit.layer_auc[gate_fit.gate.layer], 6),
             "train_accuracy": round(gate_fit.train_accuracy, 6),

@@ -246,9 +246,9 @@ def choose(rows: Sequence[SweepRow], baseline: SweepRow) -> SweepRow:
 
 
 def held_in() -> tuple[list[str], list[str]]:
-    """The held-in calibration questions: harmful and benign ``calibration`` splits."""
-    return ([d.question for d in data.harmful_demos("calibration")],
-            [p.question for p in data.benign_prompts("calibration")])
+    """The held-in calibration questions: the harmful and benign ``calibration`` splits, everyday-phrased
+    questions included (`demos.held_in_harmful_questions`, `demos.held_in_benign_questions`)."""
+    return data.held_in_harmful_questions(), data.held_in_benign_questions()
 
 
 def run_sweep(engine: Any, layers: Sequence[int], scales: Sequence[float], *, gates: Sequence[bool] = (True, False),

@@ -119,11 +119,12 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
                          l2: float | None = None, layers: Sequence[int] | None = None,
                          method: GateMethod = "probe") -> GateFit:
     """Fit a gate from hidden states of shape (layers, rows, hidden) of harmful and benign prompts.
-    ``l2`` defaults to 0.01 for ``probe`` and 0.1 for ``mean_difference``."""
+    ``l2`` defaults to 0.001 for ``probe`` (chosen on the held-in split, docs/vectors.md) and 0.1 for
+    ``mean_difference``."""
     if method not in GATE_METHODS:
         raise ValueError(f"gate method must be one of {', '.join(GATE_METHODS)}; got {method!r}")
     if l2 is None:
-        l2 = 0.01 if method == "probe" else 0.1
+        l2 = 0.001 if method == "probe" else 0.1
     if harmful.shape[0] != benign.shape[0] or harmful.shape[-1] != benign.shape[-1]:
         raise ValueError("harmful and benign hidden states must have the same layers and hidden size")
     if harmful.shape[1] < 4 or benign.shape[1] < 4:

@@ -58,8 +58,9 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
                     benign_weight: float = 0.5, seed: int = 0, gate: HarmGate | None = None,
                     fit_harm_gate: bool = True, progress: bool = True) -> SafetyVector:
     """Train a safety vector for ``engine.model`` (a `SafeInferEngine`). The returned vector carries
-    ``gate`` when given, else (with ``fit_harm_gate``) a probe gate fitted on the same harmful build and
-    benign gate questions (`gate.fit_gate`), else no gate."""
+    ``gate`` when given, else (with ``fit_harm_gate``) a probe gate fitted on `demos.gate_harmful_questions`
+    against `demos.gate_benign_questions` (the build and gate splits, everyday-phrased questions included;
+    `gate.fit_gate`), else no gate."""
     model, tokenizer = engine.model, engine.tokenizer
     shape = model_shape(model)
     if not 0 <= layer < shape.num_layers:
@@ -115,11 +116,13 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
             parameter.requires_grad_(flag)
     gate_info: dict[str, Any] = {"source": "given" if gate is not None else "none"}
     if gate is None and fit_harm_gate:
-        fit = fit_gate(model, tokenizer, [d.question for d in harmful], benign, progress=progress)
+        fit = fit_gate(model, tokenizer, demos.gate_harmful_questions(), demos.gate_benign_questions(),
+                       progress=progress)
         gate = fit.gate
         gate_info = {"source": "fitted", "method": "probe", "layer": gate.layer,
                      "cv_auc": round(fit.layer_auc[gate.layer], 4), "train_accuracy": round(fit.train_accuracy, 4),
-                     "n_harmful": fit.n_harmful, "n_benign": fit.n_benign}
+                     "n_harmful": fit.n_harmful, "n_benign": fit.n_benign,
+                     "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)"}
     metadata = {
         "method": "optimized",
         "model_name": engine.model_name,

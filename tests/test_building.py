@@ -11,7 +11,7 @@ import torch
 from safeinfer_integrations import demos, heads
 from safeinfer_integrations.architecture import attention_out_proj, decoder_layers, model_shape
 from safeinfer_integrations.building import answer_first_tokens, build_vector, icl_prompt
-from safeinfer_integrations.vector import SafetyVector
+from safeinfer_integrations.vector import HarmGate, SafetyVector
 
 ARCHS = ("llama", "qwen2", "gpt2")
 TEXTS = (
@@ -172,6 +172,20 @@ def test_save_load_round_trip(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_
     loaded.check(model)
 
 
+def test_vector_id_covers_the_gate() -> None:
+    """A refitted gate changes what a vector does, so it changes the id (eval runs compare ids)."""
+    base = SafetyVector(vector=torch.ones(4), layer=1, scale=1.0)
+    gate = HarmGate(direction=torch.ones(4), layer=2, bias=0.5)
+    gated = SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=gate)
+    ids = {base.vector_id, gated.vector_id,
+           SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=HarmGate(torch.ones(4), 2, bias=0.6)).vector_id,
+           SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=HarmGate(torch.ones(4), 3, bias=0.5)).vector_id,
+           SafetyVector(vector=torch.ones(4), layer=1, scale=1.0,
+                        gate=HarmGate(torch.tensor([1.0, 1.0, 1.0, 2.0]), 2, bias=0.5)).vector_id}
+    assert len(ids) == 5
+    assert gated.vector_id == SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=gate).vector_id
+
+
 def test_mismatch_errors_name_what_differs(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
     vector = _tiny_build(tiny_model_factory("llama"), tiny_tokenizer, gate=False).vector
     gpt2 = tiny_model_factory("gpt2")
@@ -225,3 +239,29 @@ def test_splits_are_disjoint_and_stable() -> None:
         assert sum(d.category == category for d in demos.harmful_demos("calibration")) == 4
     with pytest.raises(ValueError, match="harmful split must be one of build, calibration, evaluation"):
         demos.harmful_demos("test")  # type: ignore[arg-type]
+
+
+def test_everyday_requests_split_three_to_one_per_category() -> None:
+    build = demos.harmful_everyday("build")
+    held = demos.harmful_everyday("calibration")
+    assert len(build) == 33 and len(held) == 11
+    assert not {d.question for d in build} & {d.question for d in held}
+    assert {d.category for d in held} == {d.category for d in demos.harmful_demos()}
+    gate_fit = demos.gate_harmful_questions()
+    assert gate_fit == [d.question for d in demos.harmful_demos("build")] + [d.question for d in build]
+    held_in = demos.held_in_harmful_questions()
+    assert held_in[-11:] == [d.question for d in held] and not set(held_in) & set(gate_fit)
+    with pytest.raises(ValueError, match="everyday harmful split must be one of build, calibration; got 'x'"):
+        demos.harmful_everyday("x")  # type: ignore[arg-type]
+
+
+def test_everyday_benign_questions_split_two_to_one_per_kind() -> None:
+    gate, held = demos.benign_everyday("gate"), demos.benign_everyday("calibration")
+    for kind in ("ordinary", "sensitive_sounding"):
+        assert [sum(p.kind == kind for p in split) for split in (gate, held)] == [20, 10]
+    assert demos.gate_benign_questions() == ([p.question for p in demos.benign_prompts("gate")]
+                                             + [p.question for p in gate])
+    assert demos.held_in_benign_questions()[-20:] == [p.question for p in held]
+    assert not set(demos.gate_benign_questions()) & set(demos.held_in_benign_questions())
+    with pytest.raises(ValueError, match="everyday benign split must be one of gate, calibration; got 'x'"):
+        demos.benign_everyday("x")  # type: ignore[arg-type]

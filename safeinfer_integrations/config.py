@@ -36,6 +36,11 @@ class SafeInferConfig(BaseModel):
       ``-scale * vector``).
     - ``scale`` / ``layer``: override the safety vector's own scale and layer (None keeps the vector's).
     - ``gate``: scale SA and guidance per request by the vector's harm gate, when the vector carries one.
+    - ``gate_cutoff``: in [0, 1); a request whose gate weight is below it is decoded as ``vanilla`` (no
+      steering, no guidance) and gets no unsafe-expert rows, so it costs what plain decoding costs.
+      0 turns this off. Only acts when the gate does. The default 0.1 was chosen on the held-in split:
+      refusal unchanged up to 0.3, and 52 of 61 benign questions answered exactly as by the plain model
+      (47 with no cutoff); see docs/method.md.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,6 +53,7 @@ class SafeInferConfig(BaseModel):
     scale: float | None = None
     layer: int | None = None
     gate: bool = True
+    gate_cutoff: float = 0.1
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -75,6 +81,13 @@ class SafeInferConfig(BaseModel):
     def _check_plausibility(cls, value: float) -> float:
         if not (0.0 <= value < 1.0):
             raise ValueError(f"plausibility (tau) must be in [0, 1) (0 = the paper's rule); got {value!r}")
+        return value
+
+    @field_validator("gate_cutoff")
+    @classmethod
+    def _check_gate_cutoff(cls, value: float) -> float:
+        if not (0.0 <= value < 1.0):
+            raise ValueError(f"gate_cutoff must be in [0, 1) (0 = off); got {value!r}")
         return value
 
     @field_validator("scale")

@@ -490,9 +490,11 @@ class SafeInferEngine:
 
     def _prefill(self, plan: _Plan, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any, steerer: Steerer | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                       torch.Tensor, torch.Tensor]:
+                                                                       torch.Tensor, torch.Tensor, list[int]]:
         """Run the prompts into ``cache``; returns (last logits, gate weights or None, steering coefficients,
-        guidance weights).
+        guidance weights, the requests that keep SafeInfer). A request whose gate weight is below
+        ``gate_cutoff`` is treated as gate weight 0 (no steering, no guidance) and is left out of the last
+        list, so the loop can drop its unsafe-expert rows.
 
         Steering only touches the last prompt token, so the prompt is run in two parts: all tokens but the
         last (unsteered, once), then the last token with the steering coefficients. In between, the gate
@@ -515,6 +517,11 @@ class SafeInferEngine:
         else:
             gate = self._gate_weights(plan, ids[:n], mask[:n], positions[:n])
         gate_cpu = gate.cpu() if gate is not None else torch.ones(n)
+        kept = list(range(n))
+        if gate is not None and config.gate_cutoff > 0.0:
+            below = gate_cpu < config.gate_cutoff
+            gate_cpu = gate_cpu.masked_fill(below, 0.0)
+            kept = [row for row in range(n) if not bool(below[row])]
         scale = plan.vector.scale if plan.vector is not None else 0.0
         safe_coef = gate_cpu * scale if config.amplified else torch.zeros(n)
         unsafe_coef = -gate_cpu * scale if plan.expert == "negated_vector" else torch.zeros(n)
@@ -524,7 +531,7 @@ class SafeInferEngine:
             logits = _forward(self._model, ids[:, -1:], mask, positions[:, -1:], cache, steerer, coef)
         else:
             logits = _forward(self._model, ids, mask, positions, cache, steerer, coef)
-        return logits, gate, coef, weight
+        return logits, gate, coef, weight, kept
 
     def _events(self, plan: _Plan, rows: list[_Row]) -> Generator[tuple[int, str], None, None]:
         """Run the decode loop; yield (row, decided text piece). Hooks live exactly as long as this."""
@@ -547,12 +554,24 @@ class SafeInferEngine:
             ids, mask = self._left_pad(main_sequences)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache(config=self._model.config)
-            logits, gate, coef, weight = self._prefill(plan, ids, mask, positions, cache, steerer, n)
+            logits, gate, coef, weight, paired = self._prefill(plan, ids, mask, positions, cache, steerer, n)
             if gate is not None:
                 for row, gate_weight in zip(rows, gate.tolist()):
                     row.gate_weight = gate_weight
-            expert = _SeparateExpert(self._unsafe_model, mask) if plan.expert == "model" else None
-            unsafe_logits = expert.prefill(ids, positions).to(self.device) if expert is not None else None
+            if plan.expert is None:
+                paired = []
+            # ``paired``: the slots (indexes among the active safe rows) that have unsafe-expert rows. Main
+            # batch layout: the active safe rows, then one twin per paired slot, in the same order.
+            if shared and len(paired) < n:  # requests below the gate cutoff lose their twins now
+                select = torch.tensor(list(range(n)) + [n + slot for slot in paired], device=self.device)
+                cache.batch_select_indices(select)
+                mask, coef, logits = mask[select], coef[select], logits[select]
+            expert = None
+            unsafe_logits = None
+            if plan.expert == "model" and paired:
+                index = torch.tensor(paired, device=self.device)
+                expert = _SeparateExpert(self._unsafe_model, mask[index])
+                unsafe_logits = expert.prefill(ids[index], positions[index]).to(self.device)
             lengths = mask.sum(-1)  # tokens so far per main row
 
         active = list(range(n))  # original indexes of the rows still generating
@@ -575,21 +594,25 @@ class SafeInferEngine:
                     uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in active])
                 pick = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                             uniforms=uniforms)
-                if plan.expert is None:
+                paired_index = torch.tensor(paired, dtype=torch.long, device=self.device)
+                if not paired:
                     chosen = select_tokens(safe, **pick)  # type: ignore[arg-type]
                     changed = None
                 else:
-                    if unsafe_logits is None:
-                        unsafe = log_probs[len(active):]
-                    else:
-                        unsafe = torch.log_softmax(unsafe_logits, dim=-1)
-                    scores = sgds_scores(safe, unsafe, weight, config.plausibility)
+                    unsafe = log_probs[len(active):] if shared else torch.log_softmax(unsafe_logits, dim=-1)
+                    if len(paired) == len(active):
+                        scores = sgds_scores(safe, unsafe, weight, config.plausibility)
+                    else:  # rows below the gate cutoff keep their plain scores
+                        scores = safe.clone()
+                        scores[paired_index] = sgds_scores(safe[paired_index], unsafe, weight[paired_index],
+                                                           config.plausibility)
                     chosen = select_tokens(scores, **pick)  # type: ignore[arg-type]
                     changed = chosen != select_tokens(safe, **pick)  # type: ignore[arg-type]
                 chosen_list = chosen.tolist()
                 pair_lengths = lengths[: len(active)]  # the longest sequence of each pair bounds the context
-                if shared:
-                    pair_lengths = torch.maximum(pair_lengths, lengths[len(active):])
+                if shared and paired:
+                    pair_lengths = pair_lengths.clone()
+                    pair_lengths[paired_index] = torch.maximum(pair_lengths[paired_index], lengths[len(active):])
                 longest = pair_lengths.tolist()
                 changed_list = changed.tolist() if changed is not None else None
 
@@ -627,20 +650,28 @@ class SafeInferEngine:
                 if finished:
                     active = [active[slot] for slot in keep]
                     width = len(chosen)  # safe rows before this selection; their twins follow them
-                    keep_main = keep + [width + slot for slot in keep] if shared else keep
+                    kept = set(keep)
+                    twins_kept = [j for j, slot in enumerate(paired) if slot in kept]
+                    keep_main = keep + [width + j for j in twins_kept] if shared else keep
                     select = torch.tensor(keep_main, device=self.device)
                     cache.batch_select_indices(select)
                     mask, lengths = mask[select], lengths[select]
                     coef = coef[select]
                     weight = weight[torch.tensor(keep, device=self.device)]
                     tokens = chosen[torch.tensor(keep, device=self.device)]
+                    new_slot = {slot: position for position, slot in enumerate(keep)}
+                    paired = [new_slot[paired[j]] for j in twins_kept]
                     if expert is not None:
-                        expert.select(keep)
-                next_ids = torch.cat([tokens, tokens]) if shared else tokens
+                        if paired:
+                            expert.select(twins_kept)
+                        else:
+                            expert, unsafe_logits = None, None
+                    paired_index = torch.tensor(paired, dtype=torch.long, device=self.device)
+                next_ids = torch.cat([tokens, tokens[paired_index]]) if shared and paired else tokens
                 next_ids = next_ids[:, None].to(self.device)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
                 positions = lengths[:, None]
                 lengths = lengths + 1
                 logits = _forward(self._model, next_ids, mask, positions, cache, steerer, coef)
                 if expert is not None:
-                    unsafe_logits = expert.step(tokens, positions).to(self.device)
+                    unsafe_logits = expert.step(tokens[paired_index], positions[paired_index]).to(self.device)

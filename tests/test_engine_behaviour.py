@@ -206,6 +206,7 @@ def _unchanged(engine: SafeInferEngine, config: SafeInferConfig) -> None:
         ("hi", {"max_tokens": 3}, TypeError, "unknown generation setting"),
         ("hi", {"mode": "sa", "layer": 7}, ValueError, "layer 7 is out of range: the model has 3 layers"),
         ("hi", {"scale": math.inf}, pydantic.ValidationError, "scale must be a finite number"),
+        ("hi", {"gate_cutoff": 1.0}, pydantic.ValidationError, r"gate_cutoff must be in \[0, 1\) \(0 = off\); got 1.0"),
     ],
 )
 def test_bad_input_raises_and_changes_nothing(engine: SafeInferEngine, inputs: Any, settings: dict[str, Any],

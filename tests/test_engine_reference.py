@@ -169,7 +169,7 @@ def _gated_engine(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> Sa
     direction = torch.randn(hidden, generator=torch.Generator().manual_seed(11)) * 0.02
     gated = SafetyVector(vector=base.vector, layer=base.layer, scale=base.scale, gate=HarmGate(direction, layer=0))
     return SafeInferEngine(model, tiny_tokenizer, vector=gated, unsafe_model=_unsafe_twin(model, arch),
-                           config=SafeInferConfig(alpha=0.9))
+                           config=SafeInferConfig(alpha=0.9, gate_cutoff=0.0))
 
 
 def _reference_gate(engine: SafeInferEngine, prompt: Any) -> float:
@@ -226,3 +226,57 @@ def test_one_token_prompts_take_the_single_pass_prefill(tiny_model_factory: Any,
                                   gate_weight=_reference_gate(engine, prompt))
             assert list(generation.token_ids) == expected
     assert not forks  # one pass: no cache was forked
+
+
+def _batch_sizes(model: Any) -> tuple[list[int], Any]:
+    """Record the batch size of every one-token (decode) forward pass of ``model``."""
+    sizes: list[int] = []
+
+    def hook(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            sizes.append(int(ids.shape[0]))
+
+    return sizes, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize(("mode", "expert"), [("sa", None), ("safeinfer", "prompted"),
+                                              ("safeinfer", "negated_vector"), ("sgds", "model")])
+def test_gate_cutoff_decodes_low_gate_requests_as_vanilla(arch: str, mode: str, expert: str | None,
+                                                          tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    """A request whose gate weight is below ``gate_cutoff`` equals the reference with gate weight 0 (plain
+    decoding) and has no unsafe-expert rows; the others equal the reference with their own weight."""
+    engine = _gated_engine(tiny_model_factory, tiny_tokenizer, arch)
+    weights = [_reference_gate(engine, prompt) for prompt in PROMPTS]
+    low, middle = sorted(weights)[:2]
+    cutoff = (low + middle) / 2  # exactly one request falls below
+    settings: dict[str, Any] = {"mode": mode, "plausibility": 0.0, "max_new_tokens": MAX_NEW}
+    if expert:
+        settings["unsafe_expert"] = expert
+    watched = engine.unsafe_model if expert == "model" else engine.model
+    sizes, handle = _batch_sizes(watched)
+    try:
+        batch = engine.generate(PROMPTS, gate_cutoff=cutoff, **settings)
+        cut_sizes = list(sizes)
+        sizes.clear()
+        engine.generate(PROMPTS, **settings)
+        full_sizes = list(sizes)
+    finally:
+        handle.remove()
+    for prompt, generation, weight in zip(PROMPTS, batch, weights):
+        assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-9)  # the raw weight is reported
+        expected = _reference(engine, prompt, mode, expert, 0.0, gate_weight=0.0 if weight < cutoff else weight)
+        assert list(generation.token_ids) == expected
+        if weight < cutoff:
+            if mode != "sgds":  # steering at this weight changes the tokens, so the cutoff is visible in them
+                assert expected != _reference(engine, prompt, mode, expert, 0.0, gate_weight=weight)
+            assert generation.token_ids == engine.generate(prompt, mode="vanilla", max_new_tokens=MAX_NEW)[0].token_ids
+            assert generation.safety.guided_changes == 0
+    if expert == "model":  # the separate expert runs only the two requests above the cutoff (for sgds, where
+        # guidance alone may leave this request's tokens as they are, this is what shows the cutoff acted)
+        assert max(cut_sizes) == 2 and max(full_sizes) == 3
+    elif expert is not None:  # after the prompt's last token (all six rows), three safe rows and two twins
+        assert cut_sizes.count(6) == 1 and 5 in cut_sizes and full_sizes.count(6) > 1
+    else:
+        assert max(cut_sizes) == max(full_sizes) == 3

@@ -6,6 +6,11 @@ the median over rounds is reported. Every run generates exactly ``max_new_tokens
 decode steps and the same prefill share; otherwise a mode that answers shorter looks slower per token.
 Speeds are printed as time-per-token ratios to ``generate()`` (1.00 = as fast; the targets on the default
 model are sa <= 1.03, safeinfer with a same-weights expert <= 1.3, with a separate expert model <= 2.1).
+
+Two prompt sets, because the harm gate makes the cost depend on the prompt: ``benign`` (long-answer everyday
+requests; the gate weighs them below ``gate_cutoff``, so SafeInfer drops their expert rows and costs what
+plain decoding costs) and ``harmful`` (one held-out harmful demonstration question per category, where
+SafeInfer runs in full). Each set's gate weights are reported with its timings.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import demos
 from .engine import SafeInferEngine
 from .loading import load_model_and_tokenizer
 from .vector import SafetyVector
@@ -34,6 +40,18 @@ PROMPTS = [
     "Describe the life cycle of a star in detail.",
     "Write a long guide to growing tomatoes at home.",
 ]
+PROMPT_SETS = ("benign", "harmful")
+
+
+def prompt_set(name: str) -> list[str]:
+    """The bench prompts of one set (see the module docstring)."""
+    if name == "benign":
+        return list(PROMPTS)
+    if name == "harmful":
+        return [d.question for d in demos.harmful_demos("evaluation")[::11]]
+    raise ValueError(f"prompt set must be one of {', '.join(PROMPT_SETS)}; got {name!r}")
+
+
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("vanilla", {"mode": "vanilla"}),
     ("sa", {"mode": "sa"}),
@@ -61,7 +79,8 @@ def _hf_generate(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: in
 
 
 def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 64,
-        repeats: int = 3) -> dict[str, Any]:
+        repeats: int = 3, prompt_sets: tuple[str, ...] = PROMPT_SETS) -> dict[str, Any]:
+    texts = {name: prompt_set(name) for name in prompt_sets}  # bad names fail before any model loads
     base, tokenizer = load_model_and_tokenizer(model)
     unsafe, _ = load_model_and_tokenizer(model)  # a separate expert: same cost as a fine-tuned twin
     engine = SafeInferEngine.from_pretrained(model) if model is None else None
@@ -74,53 +93,74 @@ def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new
         vector_note = "random (no shipped vector)"
     engine = SafeInferEngine(base, tokenizer, vector=vector, unsafe_model=unsafe, model_name=str(model or "default"))
     results: dict[str, Any] = {"model": engine.model_name, "vector": vector_note, "max_new_tokens": max_new_tokens,
-                               "threads": torch.get_num_threads(), "batches": {}}
-    names = ["generate()"] + [name for name, _ in CONFIGS]
-    for batch in batch_sizes:
-        prompts = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch)]
-        engine.generate(prompts[:1], mode="vanilla", max_new_tokens=4)  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in names}
-        tokens: dict[str, int] = {}
-        progress = tqdm(total=repeats * len(names), desc=f"bench batch {batch}", unit="run")
-        for round_index in range(repeats):
-            order = names[round_index % len(names):] + names[: round_index % len(names)]
-            for name in order:
-                start = time.perf_counter()
-                if name == "generate()":
-                    count = _hf_generate(engine, prompts, max_new_tokens)
-                else:
-                    settings = dict(CONFIGS)[name]
-                    count = sum(g.usage.completion_tokens
-                                for g in engine.generate(prompts, max_new_tokens=max_new_tokens,
-                                                         min_new_tokens=max_new_tokens, **settings))
-                elapsed = time.perf_counter() - start
-                times[name].append(elapsed / count)
-                tokens[name] = count
-                progress.update(1)
-        progress.close()
-        base_time = statistics.median(times["generate()"])
-        results["batches"][str(batch)] = {
-            name: {"tokens_per_s": 1.0 / statistics.median(times[name]),
-                   "time_ratio": statistics.median(times[name]) / base_time,
-                   "tokens": tokens[name]}
-            for name in names
-        }
+                               "threads": torch.get_num_threads(), "gate_cutoff": engine.config.gate_cutoff,
+                               "sets": {}}
+    for set_name, set_texts in texts.items():
+        chats = [[{"role": "user", "content": text}] for text in set_texts]
+        weights = [g.safety.gate_weight for g in engine.generate(chats, mode="sa", max_new_tokens=1)]
+        results["sets"][set_name] = {"gate_weights": weights, "batches": {}}
+        for batch in batch_sizes:
+            prompts = [chats[i % len(chats)] for i in range(batch)]
+            results["sets"][set_name]["batches"][str(batch)] = _time_batch(engine, prompts, max_new_tokens, repeats,
+                                                                           f"bench {set_name} batch {batch}")
     return results
+
+
+def _time_batch(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int, repeats: int,
+                label: str) -> dict[str, Any]:
+    """Every configuration on one batch of prompts; median time per token and its ratio to generate()."""
+    names = ["generate()"] + [name for name, _ in CONFIGS]
+    engine.generate(prompts[:1], mode="vanilla", max_new_tokens=4)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in names}
+    tokens: dict[str, int] = {}
+    progress = tqdm(total=repeats * len(names), desc=label, unit="run")
+    for round_index in range(repeats):
+        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            if name == "generate()":
+                count = _hf_generate(engine, prompts, max_new_tokens)
+            else:
+                settings = dict(CONFIGS)[name]
+                count = sum(g.usage.completion_tokens
+                            for g in engine.generate(prompts, max_new_tokens=max_new_tokens,
+                                                     min_new_tokens=max_new_tokens, **settings))
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed / count)
+            tokens[name] = count
+            progress.update(1)
+    progress.close()
+    base_time = statistics.median(times["generate()"])
+    return {
+        name: {"tokens_per_s": 1.0 / statistics.median(times[name]),
+               "time_ratio": statistics.median(times[name]) / base_time,
+               "tokens": tokens[name]}
+        for name in names
+    }
 
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"model {results['model']}, vector {results['vector']}, max_new_tokens {results['max_new_tokens']}, "
-             f"torch threads {results['threads']}", "",
-             "| config | batch | tokens/s | time per token vs generate() |", "|---|---|---|---|"]
-    for batch, rows in results["batches"].items():
-        for name, row in rows.items():
-            lines.append(f"| {name} | {batch} | {row['tokens_per_s']:.1f} | {row['time_ratio']:.2f}x |")
+             f"torch threads {results['threads']}, gate_cutoff {results['gate_cutoff']}"]
+    for set_name, entry in results["sets"].items():
+        weights = [w for w in entry["gate_weights"] if w is not None]
+        if weights:
+            below = sum(w < results["gate_cutoff"] for w in weights)
+            lines.append(f"{set_name} prompts: gate weights {min(weights):.2f}-{max(weights):.2f}, "
+                         f"{below} of {len(weights)} below the cutoff")
+    lines += ["", "| prompts | config | batch | tokens/s | time per token vs generate() |", "|---|---|---|---|---|"]
+    for set_name, entry in results["sets"].items():
+        for batch, rows in entry["batches"].items():
+            for name, row in rows.items():
+                speed = f"{row['tokens_per_s']:.1f} | {row['time_ratio']:.2f}x"
+                lines.append(f"| {set_name} | {name} | {batch} | {speed} |")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     batch_sizes = tuple(int(b) for b in str(args.batch_sizes).split(","))
-    results = run(args.model, batch_sizes, args.max_new_tokens, args.repeats)
+    prompt_sets = tuple(name for name in str(args.prompts).split(",") if name)
+    results = run(args.model, batch_sizes, args.max_new_tokens, args.repeats, prompt_sets)
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -140,6 +140,8 @@ def _add_bench(sub: Any) -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", default="benign,harmful",
+                        help="prompt sets to time, comma-separated: benign, harmful")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
 
     def run(args: argparse.Namespace) -> int:

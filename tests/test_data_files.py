@@ -87,7 +87,8 @@ def helpful() -> list[dict]:
     return _load(HELPFUL)
 
 
-@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, HELPFUL], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, HELPFUL],
+                         ids=lambda p: p.name)
 def test_file_exists_and_parses(path: Path) -> None:
     assert path.is_file(), f"missing {path}"
     assert _load(path), f"{path.name} is empty"

@@ -72,6 +72,8 @@ class SafeInferParams(BaseModel):
     """Plausibility threshold tau in [0, 1). None follows the engine's config."""
     gate: bool | None = None
     """Whether the vector's harm gate scales SafeInfer per request. None follows the engine's config."""
+    gate_cutoff: float | None = None
+    """Requests the gate weighs below this are decoded as vanilla, in [0, 1). None follows the engine's config."""
     unsafe_expert: str | None = None
     """model | prompted | negated_vector. None follows the engine's config."""
     scale: float | None = None
@@ -105,7 +107,7 @@ class SafeInferParams(BaseModel):
     def _params_for_tracing(self) -> dict[str, Any]:
         """The set fields under their own names (what ``_identifying_params`` and traces show)."""
         names = ("temperature", "max_tokens", "top_p", "top_k", "seed", "stop", "mode", "alpha", "plausibility",
-                 "gate", "unsafe_expert", "scale")
+                 "gate", "gate_cutoff", "unsafe_expert", "scale")
         values = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         return {"model_name": self.resolved_model_name, **values}
 
@@ -118,8 +120,8 @@ class SafeInferParams(BaseModel):
         values = {
             "max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "seed": self.seed, "stop": self.stop, "mode": self.mode, "alpha": self.alpha,
-            "plausibility": self.plausibility, "gate": self.gate, "unsafe_expert": self.unsafe_expert,
-            "scale": self.scale,
+            "plausibility": self.plausibility, "gate": self.gate, "gate_cutoff": self.gate_cutoff,
+            "unsafe_expert": self.unsafe_expert, "scale": self.scale,
         }
         return {key: value for key, value in values.items() if value is not None}
 

@@ -132,6 +132,7 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         alpha: float in [0, 1)
         plausibility: float in [0, 1)
         gate: bool
+        gate_cutoff: float in [0, 1) (requests the gate weighs below it are decoded as vanilla)
         unsafe_expert: "model" | "prompted" | "negated_vector"
         scale: float (the safety vector's scale)
         detect_refusals: bool (mark refusals with the standard ``refusal`` block; default True)

@@ -33,7 +33,7 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
     Key init args:
         The same as ``ChatSafeInfer``: ``model`` (alias of ``model_name``) or ``engine``, ``temperature``,
         ``max_tokens``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``streaming``, and the safety settings
-        ``mode``, ``alpha``, ``plausibility``, ``gate``, ``unsafe_expert``, ``scale`` (None follows the
+        ``mode``, ``alpha``, ``plausibility``, ``gate``, ``gate_cutoff``, ``unsafe_expert``, ``scale`` (None follows the
         engine's config).
 
     Instantiate:

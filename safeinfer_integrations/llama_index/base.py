@@ -48,6 +48,7 @@ SAFETY_FIELDS: tuple[str, ...] = (
     "scale",
     "layer",
     "gate",
+    "gate_cutoff",
 )
 _LOAD_FIELDS: tuple[str, ...] = ("model", "vector", "unsafe_model", "dtype", "device_map")
 _T = TypeVar("_T")
@@ -131,7 +132,7 @@ class SafeInferLLM(FunctionCallingLLM):
 
     Key init args — safety (None = the engine's config; also per call):
         mode ("vanilla" | "sa" | "sgds" | "safeinfer"), alpha, plausibility, unsafe_expert,
-        unsafe_system_prompt, scale, layer, gate. See ``SafeInferConfig``.
+        unsafe_system_prompt, scale, layer, gate, gate_cutoff. See ``SafeInferConfig``.
 
     Instantiate:
         .. code-block:: python
@@ -211,6 +212,7 @@ class SafeInferLLM(FunctionCallingLLM):
     scale: float | None = None
     layer: int | None = None
     gate: bool | None = None
+    gate_cutoff: float | None = None
 
     _engine: SafeInferEngine = PrivateAttr()
     _tool_prompt: bool | None = PrivateAttr(default=None)

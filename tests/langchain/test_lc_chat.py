@@ -80,6 +80,9 @@ def test_bad_settings_fail_at_construction_and_per_call(tiny_engine: Any) -> Non
         ChatSafeInfer(engine=tiny_engine, mode="safest")
     with pytest.raises(ValueError, match="alpha"):
         ChatSafeInfer(engine=tiny_engine, alpha=1.5)
+    with pytest.raises(ValueError, match=r"gate_cutoff must be in \[0, 1\)"):
+        ChatSafeInfer(engine=tiny_engine, gate_cutoff=1.5)
+    assert ChatSafeInfer(engine=tiny_engine, gate_cutoff=0.3)._identifying_params["gate_cutoff"] == 0.3
     with pytest.raises(ValueError, match="temperature"):
         ChatSafeInfer(engine=tiny_engine, temperature=-1)
     with pytest.raises(ValueError, match="extra"):

@@ -42,6 +42,7 @@ def test_metadata_comes_from_the_loaded_model(tiny_engine: Any) -> None:
         ({"mode": "paranoid"}, "mode"),
         ({"alpha": 1.5}, "alpha"),
         ({"plausibility": -0.1}, "plausibility"),
+        ({"gate_cutoff": 1.0}, "gate_cutoff"),
         ({"temperature": -1.0}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"tempreature": 0.5}, "tempreature"),  # extra="forbid": a misspelt argument fails

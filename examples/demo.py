@@ -50,7 +50,8 @@ def engine_section() -> None:
     print("=" * 80)
     print(f"1. Engine: {engine.model_name}, safety vector "
           f"{vector.vector_id + f' (layer {vector.layer}, scale {vector.scale})' if vector else 'none shipped yet'}")
-    print("gate = the harm gate's weight for the request: 1 steers fully, 0 leaves the answer alone.")
+    print(f"gate = the harm gate's weight for the request: 1 steers fully; below {engine.config.gate_cutoff} "
+          "the answer is the plain model's.")
     print("=" * 80)
     mode = "safeinfer" if vector is not None else "sgds"
     prompts = [[{"role": "user", "content": q}] for q in HARMFUL + BENIGN]

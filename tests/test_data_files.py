@@ -18,6 +18,7 @@ BENIGN = DATA_DIR / "benign_prompts.jsonl"
 BENIGN_EVAL = DATA_DIR / "benign_eval.jsonl"  # evaluation only; checked together with BENIGN below
 EVERYDAY = DATA_DIR / "harmful_everyday.jsonl"  # harmful requests phrased like everyday questions
 BENIGN_EVERYDAY = DATA_DIR / "benign_everyday.jsonl"  # their benign counterpart; checked together with BENIGN
+BENIGN_REQUESTS = DATA_DIR / "benign_requests.jsonl"  # benign imperative requests; checked together with BENIGN
 HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
 
 CATEGORIES = [
@@ -79,7 +80,7 @@ def harmful() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def benign() -> list[dict]:
-    return _load(BENIGN) + _load(BENIGN_EVAL) + _load(BENIGN_EVERYDAY)
+    return _load(BENIGN) + _load(BENIGN_EVAL) + _load(BENIGN_EVERYDAY) + _load(BENIGN_REQUESTS)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def helpful() -> list[dict]:
     return _load(HELPFUL)
 
 
-@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, HELPFUL],
+@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, BENIGN_REQUESTS, HELPFUL],
                          ids=lambda p: p.name)
 def test_file_exists_and_parses(path: Path) -> None:
     assert path.is_file(), f"missing {path}"
@@ -135,6 +136,7 @@ def test_benign_schema_and_kinds(benign: list[dict]) -> None:
     assert kinds["sensitive_sounding"] >= 50, kinds
     assert len(benign) >= 310
     assert Counter(row["kind"] for row in _load(BENIGN_EVERYDAY)) == {"ordinary": 30, "sensitive_sounding": 30}
+    assert Counter(row["kind"] for row in _load(BENIGN_REQUESTS)) == {"ordinary": 20, "sensitive_sounding": 20}
 
 
 def test_helpfulness_schema(helpful: list[dict]) -> None:

@@ -136,7 +136,7 @@ def test_benign_schema_and_kinds(benign: list[dict]) -> None:
     assert kinds["sensitive_sounding"] >= 50, kinds
     assert len(benign) >= 310
     assert Counter(row["kind"] for row in _load(BENIGN_EVERYDAY)) == {"ordinary": 30, "sensitive_sounding": 30}
-    assert Counter(row["kind"] for row in _load(BENIGN_REQUESTS)) == {"ordinary": 20, "sensitive_sounding": 20}
+    assert Counter(row["kind"] for row in _load(BENIGN_REQUESTS)) == {"ordinary": 50, "sensitive_sounding": 50}
 
 
 def test_helpfulness_schema(helpful: list[dict]) -> None:

@@ -135,7 +135,7 @@ def test_gate_weighs_everyday_phrased_harmful_requests(shipped: SafetyVector, de
 IMPERATIVE_DEFECT = (
     "known defect of the shipped gate (docs/vectors.md, 'Known weakness: imperative requests'): half the harmful "
     "demonstrations are imperatives ('Write ...', 'Give me ...') and almost no benign fit question is, so benign "
-    "requests worded that way get high weights (17 of 40 above 0.5) and SafeInfer refuses them. Strict, so the fix "
+    "requests worded that way get high weights (53 of 100 above 0.5) and SafeInfer refuses them. Strict, so the fix "
     "(benign requests in the gate's fit data) has to remove this mark."
 )
 

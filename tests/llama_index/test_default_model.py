@@ -129,7 +129,7 @@ def test_rag_harmful_question_is_generated_under_safeinfer(harmful_answer: Any, 
     strict=False,
     reason="With the shipped vector, SmolLM2-135M answers this RAG-framed question with 'To make a toxic gas that "
     "will harm my coworkers, I should not mix any...': a warning, not one of is_refusal's decline phrases. On "
-    "HarmEval the default refuses 56% of harmful questions (docs/results.md), so a single question may go "
+    "HarmEval the default refuses 58% of harmful questions (docs/results.md), so a single question may go "
     "either way.",
 )
 def test_rag_harmful_question_is_refused(harmful_answer: Any) -> None:

@@ -28,21 +28,24 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 HarmfulSplit = Literal["build", "calibration", "evaluation"]
 EverydaySplit = Literal["build", "calibration"]
 BenignSplit = Literal["gate", "calibration", "evaluation"]
+BenignEverydaySplit = Literal["gate", "calibration"]
 HARMFUL_SPLITS: tuple[str, ...] = ("build", "calibration", "evaluation")
 BENIGN_SPLITS: tuple[str, ...] = ("gate", "calibration", "evaluation")
 _HARMFUL_COUNTS = (12, 4, 8)  # per category of 24
 EVERYDAY_SPLITS: tuple[str, ...] = ("build", "calibration")
 _EVERYDAY_COUNTS = (3, 1)  # per category of 4
 _BENIGN_FRACTIONS = (0.40, 0.27)  # gate, calibration; evaluation takes the rest
-_BENIGN_EVERYDAY_COUNTS = (20, 10)  # gate, calibration; per kind of 30
+BENIGN_EVERYDAY_SPLITS: tuple[str, ...] = ("gate", "calibration")
+_BENIGN_EVERYDAY_COUNTS = (20, 10)  # per kind of 30
 _FILES = ("harmful_demos.jsonl", "benign_prompts.jsonl", "harmful_everyday.jsonl", "benign_everyday.jsonl")
 
 
@@ -66,6 +69,14 @@ class BenignPrompt:
     category: str
 
 
+class _Question(Protocol):
+    @property
+    def question(self) -> str: ...
+
+
+_Item = TypeVar("_Item", bound=_Question)
+
+
 def _read(name: str) -> list[dict[str, str]]:
     text = resources.files("safeinfer_integrations").joinpath("data").joinpath(name).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -75,38 +86,46 @@ def _order_key(question: str) -> str:
     return hashlib.sha256(question.encode("utf-8")).hexdigest()
 
 
-@lru_cache(maxsize=1)
-def _harmful_splits() -> dict[str, tuple[HarmfulDemo, ...]]:
-    groups: dict[str, list[HarmfulDemo]] = defaultdict(list)
-    for row in _read("harmful_demos.jsonl"):
-        groups[row["category"]].append(HarmfulDemo(row["question"], row["category"], row["answer"]))
-    out: dict[str, list[HarmfulDemo]] = {name: [] for name in HARMFUL_SPLITS}
-    for category in sorted(groups):
-        items = sorted(groups[category], key=lambda d: _order_key(d.question))
-        total = sum(_HARMFUL_COUNTS)
-        if len(items) != total:
-            raise ValueError(f"harmful_demos.jsonl: category {category!r} has {len(items)} rows, expected {total}")
+def _per_group(items: Sequence[_Item], group: str, file: str, names: tuple[str, ...],
+               counts: tuple[int, ...]) -> dict[str, tuple[_Item, ...]]:
+    """Fixed-count splits: within each value of ``group`` (sorted), the items ordered by `_order_key` give the
+    first ``counts[0]`` to ``names[0]``, the next ``counts[1]`` to ``names[1]``, ...; a group of another size
+    is an error."""
+    groups: dict[str, list[_Item]] = defaultdict(list)
+    for item in items:
+        groups[getattr(item, group)].append(item)
+    out: dict[str, list[_Item]] = {name: [] for name in names}
+    total = sum(counts)
+    for key in sorted(groups):
+        members = sorted(groups[key], key=lambda item: _order_key(item.question))
+        if len(members) != total:
+            raise ValueError(f"{file}: {group} {key!r} has {len(members)} rows, expected {total}")
         start = 0
-        for name, count in zip(HARMFUL_SPLITS, _HARMFUL_COUNTS):
-            out[name].extend(items[start:start + count])
+        for name, count in zip(names, counts):
+            out[name].extend(members[start:start + count])
             start += count
     return {name: tuple(rows) for name, rows in out.items()}
 
 
+def _pick(splits: dict[str, tuple[_Item, ...]], split: str | None, what: str) -> tuple[_Item, ...]:
+    """One split (None: all of them, in split order); an unknown name is an error naming the allowed ones."""
+    if split is None:
+        return tuple(item for rows in splits.values() for item in rows)
+    if split not in splits:
+        raise ValueError(f"{what} split must be one of {', '.join(splits)}; got {split!r}")
+    return splits[split]
+
+
+@lru_cache(maxsize=1)
+def _harmful_splits() -> dict[str, tuple[HarmfulDemo, ...]]:
+    rows = [HarmfulDemo(r["question"], r["category"], r["answer"]) for r in _read("harmful_demos.jsonl")]
+    return _per_group(rows, "category", "harmful_demos.jsonl", HARMFUL_SPLITS, _HARMFUL_COUNTS)
+
+
 @lru_cache(maxsize=1)
 def _everyday_splits() -> dict[str, tuple[HarmfulRequest, ...]]:
-    groups: dict[str, list[HarmfulRequest]] = defaultdict(list)
-    for row in _read("harmful_everyday.jsonl"):
-        groups[row["category"]].append(HarmfulRequest(row["question"], row["category"]))
-    out: dict[str, list[HarmfulRequest]] = {name: [] for name in EVERYDAY_SPLITS}
-    for category in sorted(groups):
-        items = sorted(groups[category], key=lambda d: _order_key(d.question))
-        total = sum(_EVERYDAY_COUNTS)
-        if len(items) != total:
-            raise ValueError(f"harmful_everyday.jsonl: category {category!r} has {len(items)} rows, expected {total}")
-        out["build"].extend(items[:_EVERYDAY_COUNTS[0]])
-        out["calibration"].extend(items[_EVERYDAY_COUNTS[0]:])
-    return {name: tuple(rows) for name, rows in out.items()}
+    rows = [HarmfulRequest(r["question"], r["category"]) for r in _read("harmful_everyday.jsonl")]
+    return _per_group(rows, "category", "harmful_everyday.jsonl", EVERYDAY_SPLITS, _EVERYDAY_COUNTS)
 
 
 @lru_cache(maxsize=1)
@@ -127,82 +146,52 @@ def _benign_splits() -> dict[str, tuple[BenignPrompt, ...]]:
 
 @lru_cache(maxsize=1)
 def _benign_everyday_splits() -> dict[str, tuple[BenignPrompt, ...]]:
-    groups: dict[str, list[BenignPrompt]] = defaultdict(list)
-    for row in _read("benign_everyday.jsonl"):
-        groups[row["kind"]].append(BenignPrompt(row["question"], row["kind"], row["category"]))
-    out: dict[str, list[BenignPrompt]] = {"gate": [], "calibration": []}
-    for kind in sorted(groups):
-        items = sorted(groups[kind], key=lambda p: _order_key(p.question))
-        total = sum(_BENIGN_EVERYDAY_COUNTS)
-        if len(items) != total:
-            raise ValueError(f"benign_everyday.jsonl: kind {kind!r} has {len(items)} rows, expected {total}")
-        out["gate"].extend(items[:_BENIGN_EVERYDAY_COUNTS[0]])
-        out["calibration"].extend(items[_BENIGN_EVERYDAY_COUNTS[0]:])
-    return {name: tuple(rows) for name, rows in out.items()}
+    rows = [BenignPrompt(r["question"], r["kind"], r["category"]) for r in _read("benign_everyday.jsonl")]
+    return _per_group(rows, "kind", "benign_everyday.jsonl", BENIGN_EVERYDAY_SPLITS, _BENIGN_EVERYDAY_COUNTS)
 
 
 def harmful_demos(split: HarmfulSplit | None = None) -> tuple[HarmfulDemo, ...]:
     """Harmful question -> refusal pairs of one split (None: all 264, file order not kept)."""
-    splits = _harmful_splits()
-    if split is None:
-        return tuple(d for name in HARMFUL_SPLITS for d in splits[name])
-    if split not in splits:
-        raise ValueError(f"harmful split must be one of {', '.join(HARMFUL_SPLITS)}; got {split!r}")
-    return splits[split]
+    return _pick(_harmful_splits(), split, "harmful")
 
 
 def harmful_everyday(split: EverydaySplit | None = None) -> tuple[HarmfulRequest, ...]:
     """Harmful requests phrased like everyday questions, of one split (None: all 44)."""
-    splits = _everyday_splits()
-    if split is None:
-        return tuple(d for name in EVERYDAY_SPLITS for d in splits[name])
-    if split not in splits:
-        raise ValueError(f"everyday harmful split must be one of {', '.join(EVERYDAY_SPLITS)}; got {split!r}")
-    return splits[split]
+    return _pick(_everyday_splits(), split, "everyday harmful")
+
+
+def benign_prompts(split: BenignSplit | None = None) -> tuple[BenignPrompt, ...]:
+    """Benign prompts of one split (None: all 152)."""
+    return _pick(_benign_splits(), split, "benign")
+
+
+def benign_everyday(split: BenignEverydaySplit | None = None) -> tuple[BenignPrompt, ...]:
+    """Benign "How do I ...?" questions of one split (None: all 60)."""
+    return _pick(_benign_everyday_splits(), split, "everyday benign")
 
 
 def gate_harmful_questions() -> list[str]:
     """The harmful side of a harm gate's fit: the ``build`` demonstrations' questions, then the ``build``
     everyday-phrased requests."""
-    return [d.question for d in harmful_demos("build")] + [d.question for d in harmful_everyday("build")]
-
-
-def benign_everyday(split: Literal["gate", "calibration"] | None = None) -> tuple[BenignPrompt, ...]:
-    """Benign "How do I ...?" questions of one split (None: all 60)."""
-    splits = _benign_everyday_splits()
-    if split is None:
-        return splits["gate"] + splits["calibration"]
-    if split not in splits:
-        raise ValueError(f"everyday benign split must be one of gate, calibration; got {split!r}")
-    return splits[split]
+    return [d.question for d in harmful_demos("build") + harmful_everyday("build")]
 
 
 def gate_benign_questions() -> list[str]:
     """The benign side of a harm gate's fit: the ``gate`` split of the benign prompts, then of the everyday
     benign questions."""
-    return [p.question for p in benign_prompts("gate")] + [p.question for p in benign_everyday("gate")]
-
-
-def held_in_benign_questions() -> list[str]:
-    """The held-in benign questions: the ``calibration`` split of the benign prompts, then of the everyday
-    benign questions."""
-    return [p.question for p in benign_prompts("calibration")] + [p.question for p in benign_everyday("calibration")]
+    return [p.question for p in benign_prompts("gate") + benign_everyday("gate")]
 
 
 def held_in_harmful_questions() -> list[str]:
     """The held-in harmful questions: the ``calibration`` demonstrations, then the ``calibration`` everyday
     requests."""
-    return [d.question for d in harmful_demos("calibration")] + [d.question for d in harmful_everyday("calibration")]
+    return [d.question for d in harmful_demos("calibration") + harmful_everyday("calibration")]
 
 
-def benign_prompts(split: BenignSplit | None = None) -> tuple[BenignPrompt, ...]:
-    """Benign prompts of one split (None: all 152)."""
-    splits = _benign_splits()
-    if split is None:
-        return tuple(p for name in BENIGN_SPLITS for p in splits[name])
-    if split not in splits:
-        raise ValueError(f"benign split must be one of {', '.join(BENIGN_SPLITS)}; got {split!r}")
-    return splits[split]
+def held_in_benign_questions() -> list[str]:
+    """The held-in benign questions: the ``calibration`` split of the benign prompts, then of the everyday
+    benign questions."""
+    return [p.question for p in benign_prompts("calibration") + benign_everyday("calibration")]
 
 
 @lru_cache(maxsize=1)

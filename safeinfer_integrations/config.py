@@ -22,6 +22,14 @@ DEFAULT_UNSAFE_SYSTEM_PROMPT = (
 )
 
 
+# Fields allowed in [0, 1): (name in the message, what the bounds mean).
+_UNIT_INTERVAL_FIELDS: dict[str | None, tuple[str, str]] = {
+    "alpha": ("alpha", "the paper uses 0.99"),
+    "plausibility": ("plausibility (tau)", "0 = the paper's rule"),
+    "gate_cutoff": ("gate_cutoff", "0 = off"),
+}
+
+
 class SafeInferConfig(BaseModel):
     """What SafeInfer applies to a generation.
 
@@ -69,25 +77,12 @@ class SafeInferConfig(BaseModel):
             raise ValueError(f"unsafe_expert must be one of {', '.join(UNSAFE_EXPERTS)}; got {value!r}")
         return value
 
-    @field_validator("alpha")
+    @field_validator("alpha", "plausibility", "gate_cutoff")
     @classmethod
-    def _check_alpha(cls, value: float) -> float:
+    def _check_unit_interval(cls, value: float, info: ValidationInfo) -> float:
         if not (0.0 <= value < 1.0):
-            raise ValueError(f"alpha must be in [0, 1) (the paper uses 0.99); got {value!r}")
-        return value
-
-    @field_validator("plausibility")
-    @classmethod
-    def _check_plausibility(cls, value: float) -> float:
-        if not (0.0 <= value < 1.0):
-            raise ValueError(f"plausibility (tau) must be in [0, 1) (0 = the paper's rule); got {value!r}")
-        return value
-
-    @field_validator("gate_cutoff")
-    @classmethod
-    def _check_gate_cutoff(cls, value: float) -> float:
-        if not (0.0 <= value < 1.0):
-            raise ValueError(f"gate_cutoff must be in [0, 1) (0 = off); got {value!r}")
+            label, hint = _UNIT_INTERVAL_FIELDS[info.field_name]
+            raise ValueError(f"{label} must be in [0, 1) ({hint}); got {value!r}")
         return value
 
     @field_validator("scale")

@@ -573,6 +573,7 @@ class SafeInferEngine:
                 expert = _SeparateExpert(self._unsafe_model, mask[index])
                 unsafe_logits = expert.prefill(ids[index], positions[index]).to(self.device)
             lengths = mask.sum(-1)  # tokens so far per main row
+            paired_index = torch.tensor(paired, dtype=torch.long, device=self.device)  # rebuilt when rows finish
 
         active = list(range(n))  # original indexes of the rows still generating
         step = 0
@@ -594,7 +595,6 @@ class SafeInferEngine:
                     uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in active])
                 pick = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                             uniforms=uniforms)
-                paired_index = torch.tensor(paired, dtype=torch.long, device=self.device)
                 if not paired:
                     chosen = select_tokens(safe, **pick)  # type: ignore[arg-type]
                     changed = None

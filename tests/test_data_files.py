@@ -19,6 +19,7 @@ BENIGN_EVAL = DATA_DIR / "benign_eval.jsonl"  # evaluation only; checked togethe
 EVERYDAY = DATA_DIR / "harmful_everyday.jsonl"  # harmful requests phrased like everyday questions
 BENIGN_EVERYDAY = DATA_DIR / "benign_everyday.jsonl"  # their benign counterpart; checked together with BENIGN
 BENIGN_REQUESTS = DATA_DIR / "benign_requests.jsonl"  # benign imperative requests; checked together with BENIGN
+FRAMINGS = DATA_DIR / "gate_framings.json"  # the framings of a gate fit (not JSON Lines)
 HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
 
 CATEGORIES = [
@@ -183,7 +184,7 @@ def test_harmful_not_in_benign_or_helpfulness(
 def test_no_near_duplicate_prompts(harmful: list[dict], benign: list[dict]) -> None:
     # helpfulness_qa is deliberately templated ("What is the capital of X?"),
     # so the near-duplicate check covers the free-form prompt files only.
-    rows = [r["question"] for r in harmful + benign]
+    rows = [r["question"] for r in harmful + _load(EVERYDAY) + benign]
     toks = [_tokens(q) for q in rows]
     near = []
     for i, j in itertools.combinations(range(len(rows)), 2):
@@ -195,9 +196,25 @@ def test_no_near_duplicate_prompts(harmful: list[dict], benign: list[dict]) -> N
 
 def test_everyday_harmful_requests(harmful: list[dict], benign: list[dict], helpful: list[dict]) -> None:
     rows = _load(EVERYDAY)
-    assert Counter(row["category"] for row in rows) == {category: 4 for category in CATEGORIES}
+    assert Counter(row["category"] for row in rows) == {category: 10 for category in CATEGORIES}
     assert all(set(row) == {"question", "category"} and row["question"].strip() for row in rows)
     questions = [_norm(row["question"]) for row in rows]
     assert len(set(questions)) == len(questions)
     others = {_norm(r["question"]) for r in harmful + benign + helpful}
     assert not set(questions) & others
+
+
+def test_gate_framings() -> None:
+    data = json.loads(FRAMINGS.read_text(encoding="utf-8"))
+    assert set(data) == {"contexts", "framings"}
+    assert len(data["contexts"]) >= 3 and all(isinstance(c, str) and len(c.split()) >= 20 for c in data["contexts"])
+    framings = data["framings"]
+    assert framings[0] == {"name": "chat", "system": None, "user": "{question}"}
+    assert len({f["name"] for f in framings}) == len(framings) >= 3
+    for f in framings:
+        assert set(f) == {"name", "system", "user"}, f
+        assert f["system"] is None or (isinstance(f["system"], str) and f["system"].strip()), f
+        assert f["user"].count("{question}") == 1, f
+        leftover = f["user"].replace("{question}", "").replace("{context}", "").replace("{documents}", "")
+        assert "{" not in leftover and "}" not in leftover, f
+    assert any("{context}" in f["user"] for f in framings)

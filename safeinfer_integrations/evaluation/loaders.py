@@ -200,9 +200,10 @@ def load_many(paths: Sequence[str | os.PathLike[str]], kind: Kind, **columns: st
 
 
 def default_benign() -> list[EvalItem]:
-    """The held-out benign prompts (150: ordinary and sensitive-sounding), categorised by ``kind``: the
+    """The held-out benign prompts (200: ordinary and sensitive-sounding), categorised by ``kind``: the
     ``evaluation`` split of ``benign_prompts.jsonl`` (50; its other splits fit the harm gate and calibrate
-    the vector) and ``benign_eval.jsonl`` (100, used for nothing but evaluation)."""
+    the vector) and ``benign_eval.jsonl`` (150: 100 questions and 50 imperative requests, used for nothing
+    but evaluation)."""
     held_out = [{"question": p.question, "kind": p.kind} for p in benign_prompts("evaluation")]
     rows = held_out + _read_records(shipped_path(SHIPPED_BENIGN))
     return [

@@ -117,7 +117,7 @@ def test_duplicates_are_kept(tmp_path: Path) -> None:
 def test_shipped_sets() -> None:
     benign, qa = default_benign(), default_qa()
     counts = Counter(i.category for i in benign)
-    assert len(benign) == 150 and set(counts) == {"ordinary", "sensitive_sounding"} and min(counts.values()) >= 70
+    assert len(benign) == 200 and set(counts) == {"ordinary", "sensitive_sounding"} and min(counts.values()) >= 95
     assert len(qa) == 134 and all(i.answers for i in qa)
 
 

@@ -10,8 +10,9 @@ Steps (docs/vectors.md explains each choice):
    a refusal, so shuffled demonstrations still teach refusing. Target: the probability mass of the set of
    first tokens of the build split's answers (" I", " Sor"(ry), " That", ...), since answers vary.
 4. FV = sum over the top ``heads`` heads of the output projection of each head's block.
-5. A harm gate fitted on harmful (build splits) vs benign (gate splits) questions, everyday-phrased ones
-   included (`demos.gate_harmful_questions`, `demos.gate_benign_questions`, `gate.fit_gate`).
+5. A harm gate fitted on harmful (build splits) vs benign (gate splits) questions, everyday-phrased ones and
+   benign requests included, each put in every framing of `demos.gate_framings` (`demos.gate_harmful_questions`,
+   `demos.gate_benign_questions`, `gate.fit_gate`).
 
 Deterministic given the seed. For the default model, layer and scale default to the calibrated choice in
 ``vectors/fv/calibration.json`` (the shipped function vector, ``vectors/fv/SmolLM2-135M-Instruct.safetensors``,
@@ -38,7 +39,7 @@ from . import demos as data
 from .architecture import model_shape
 from .gate import GateFit, fit_gate
 from .heads import capture_head_means, function_vector, indirect_effects, pad_id_of, target_probability, top_heads
-from .vector import SafetyVector
+from .vector import HarmGate, SafetyVector
 
 BUILDER_VERSION = "1.0"
 CORRUPTION = "zero-shot: the query with no demonstrations"
@@ -88,14 +89,16 @@ def _check_positive(name: str, value: int, at_least: int = 1) -> None:
 
 def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | None = None,
                  layer: int | None = None, scale: float | None = None, heads: int = 10, trials: int = 16,
-                 shots: int = 10, seed: int = 0, batch_size: int = 8, gate: bool = True,
-                 progress: bool = True) -> BuildResult:
+                 shots: int = 10, seed: int = 0, batch_size: int = 8, gate: bool | HarmGate = True,
+                 gate_metadata: dict[str, Any] | None = None, progress: bool = True) -> BuildResult:
     """Build a safety function vector (and harm gate) for ``model``.
 
     ``model`` is a loaded causal LM (then ``tokenizer`` is required), a hub id or directory, or None for the
     default model. ``layer``/``scale`` are where and how strongly the engine adds the vector (None: see the
     module docstring). ``heads`` is k, ``trials`` the number of ICL prompts (and corrupted prompts),
-    ``shots`` the demonstrations per prompt."""
+    ``shots`` the demonstrations per prompt. ``gate``: True fits a harm gate (step 5), False ships none, a
+    `HarmGate` is used as given (with ``gate_metadata`` recorded as its description), e.g. the identical fit
+    already made for another vector of the same model and data."""
     from .loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
 
     started = time.perf_counter()
@@ -150,9 +153,9 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
     fv = function_vector(model, means, [(lay, hd) for lay, hd, _ in best])
 
     gate_fit = None
-    if gate:
-        gate_fit = fit_gate(model, tokenizer, data.gate_harmful_questions(),
-                            data.gate_benign_questions(), progress=progress)
+    if gate is True:
+        gate_fit = fit_gate(model, tokenizer, data.gate_harmful_questions(), data.gate_benign_questions(),
+                            framings=data.gate_framings(), progress=progress)
     metadata: dict[str, Any] = {
         "model_name": model_name,
         "config_hash": shape.config_hash(),
@@ -179,14 +182,18 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
             "method": "probe",
             "layer": gate_fit.gate.layer,
             "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)",
+            "framings": [f.name for f in data.gate_framings()],
             "n_harmful": gate_fit.n_harmful, "n_benign": gate_fit.n_benign,
             "cv_auc": round(gate_fit.layer_auc[gate_fit.gate.layer], 6),
             "train_accuracy": round(gate_fit.train_accuracy, 6),
         }
+    given_gate = gate if isinstance(gate, HarmGate) else None
+    if given_gate is not None:
+        metadata["gate"] = {**(gate_metadata or {}), "source": "given"}
     if calibration is not None and "chosen" in calibration:
         metadata["calibration"] = {"rule": calibration.get("rule"), "chosen": calibration["chosen"]}
     vector = SafetyVector(vector=fv, layer=layer, scale=scale, metadata=metadata,
-                          gate=gate_fit.gate if gate_fit is not None else None)
+                          gate=gate_fit.gate if gate_fit is not None else given_gate)
     return BuildResult(vector=vector, means=means, effects=effects, gate_fit=gate_fit,
                        clean_probability=clean_p, corrupted_probability=corrupted_p,
                        seconds=time.perf_counter() - started)
@@ -205,12 +212,24 @@ def add_cli(sub: Any) -> None:
     parser.add_argument("--shots", type=int, default=10, help="demonstrations per ICL prompt (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--no-gate", action="store_true", help="do not fit a harm gate")
+    gate_source = parser.add_mutually_exclusive_group()
+    gate_source.add_argument("--gate-from", default=None,
+                             help="take the harm gate from this vector file instead of fitting one (the same "
+                                  "fit, when that vector was made for the same model and data)")
+    gate_source.add_argument("--no-gate", action="store_true", help="do not fit a harm gate")
 
     def run(args: argparse.Namespace) -> int:
+        gate: bool | HarmGate = not args.no_gate
+        gate_metadata = None
+        if args.gate_from:
+            source = SafetyVector.load(args.gate_from)
+            if source.gate is None:
+                raise SystemExit(f"--gate-from {args.gate_from}: that vector has no harm gate")
+            gate = source.gate
+            gate_metadata = {**source.metadata.get("gate", {}), "taken_from": source.vector_id}
         result = build_vector(args.model, layer=args.layer, scale=args.scale, heads=args.heads,
                               trials=args.trials, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
-                              gate=not args.no_gate)
+                              gate=gate, gate_metadata=gate_metadata)
         path = result.vector.save(Path(args.out))
         meta = result.vector.metadata
         print(f"wrote {path} ({result.vector.vector_id}) in {result.seconds:.0f}s", file=sys.stderr)

@@ -6,15 +6,20 @@ does not depend on file order, on a seed, or on which Python runs it:
 - ``harmful_demos.jsonl`` (24 per category): 12 ``build`` (ICL demonstrations and queries of the function
   vector, and the harmful side of the harm gate's fit), 4 ``calibration`` (the held-in sweep), 8
   ``evaluation`` (never seen by building or calibration).
-- ``harmful_everyday.jsonl`` (4 per category, requests only): 3 ``build`` (added to the harmful side of the
-  harm gate's fit, so short "How do I ...?" requests are not mistaken for benign ones), 1 ``calibration``
-  (added to the held-in harmful questions).
+- ``harmful_everyday.jsonl`` (10 per category, requests only): 7 ``build`` (added to the harmful side of the
+  harm gate's fit, so short "How do I ...?" questions and "Tell me how to ..." requests are not mistaken for
+  benign ones), 3 ``calibration`` (added to the held-in harmful questions).
 - ``benign_prompts.jsonl`` per kind (ordinary / sensitive_sounding): 40% ``gate`` (benign side of the harm
   gate's fit), 27% ``calibration``, the rest ``evaluation``.
 
 - ``benign_everyday.jsonl`` per kind (30 ordinary, 30 sensitive-sounding "How do I ...?" questions): 20
   ``gate``, 10 ``calibration``. The benign counterpart of the everyday harmful requests, so the gate learns
   what is asked rather than how it is worded.
+- ``benign_requests.jsonl`` per kind (50 ordinary, 50 sensitive-sounding imperative requests, a few with their
+  own context): 33 ``gate``, 17 ``calibration``. So the gate does not read "an imperative" as "harmful".
+- ``gate_framings.json``: the ways a gate-fit question is put to the model (a bare chat turn, under a system
+  prompt, inside a retrieval-style prompt with a document, under an agent's tool instructions), each applied
+  to harmful and benign questions alike so the framing carries no signal (`frame`, `framed_questions`).
 
 `gate_harmful_questions` and `gate_benign_questions` are the two sides of every gate fit;
 `held_in_harmful_questions` and `held_in_benign_questions` those of the calibration sweep and of the shipped
@@ -32,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 HarmfulSplit = Literal["build", "calibration", "evaluation"]
 EverydaySplit = Literal["build", "calibration"]
@@ -42,11 +47,15 @@ HARMFUL_SPLITS: tuple[str, ...] = ("build", "calibration", "evaluation")
 BENIGN_SPLITS: tuple[str, ...] = ("gate", "calibration", "evaluation")
 _HARMFUL_COUNTS = (12, 4, 8)  # per category of 24
 EVERYDAY_SPLITS: tuple[str, ...] = ("build", "calibration")
-_EVERYDAY_COUNTS = (3, 1)  # per category of 4
+_EVERYDAY_COUNTS = (7, 3)  # per category of 10
 _BENIGN_FRACTIONS = (0.40, 0.27)  # gate, calibration; evaluation takes the rest
 BENIGN_EVERYDAY_SPLITS: tuple[str, ...] = ("gate", "calibration")
 _BENIGN_EVERYDAY_COUNTS = (20, 10)  # per kind of 30
-_FILES = ("harmful_demos.jsonl", "benign_prompts.jsonl", "harmful_everyday.jsonl", "benign_everyday.jsonl")
+BenignRequestSplit = Literal["gate", "calibration"]
+BENIGN_REQUEST_SPLITS: tuple[str, ...] = ("gate", "calibration")
+_BENIGN_REQUEST_COUNTS = (33, 17)  # per kind of 50
+_FILES = ("harmful_demos.jsonl", "benign_prompts.jsonl", "harmful_everyday.jsonl", "benign_everyday.jsonl",
+          "benign_requests.jsonl", "gate_framings.json")
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,12 @@ def _benign_splits() -> dict[str, tuple[BenignPrompt, ...]]:
 
 
 @lru_cache(maxsize=1)
+def _benign_request_splits() -> dict[str, tuple[BenignPrompt, ...]]:
+    rows = [BenignPrompt(r["question"], r["kind"], r["category"]) for r in _read("benign_requests.jsonl")]
+    return _per_group(rows, "kind", "benign_requests.jsonl", BENIGN_REQUEST_SPLITS, _BENIGN_REQUEST_COUNTS)
+
+
+@lru_cache(maxsize=1)
 def _benign_everyday_splits() -> dict[str, tuple[BenignPrompt, ...]]:
     rows = [BenignPrompt(r["question"], r["kind"], r["category"]) for r in _read("benign_everyday.jsonl")]
     return _per_group(rows, "kind", "benign_everyday.jsonl", BENIGN_EVERYDAY_SPLITS, _BENIGN_EVERYDAY_COUNTS)
@@ -170,6 +185,11 @@ def benign_everyday(split: BenignEverydaySplit | None = None) -> tuple[BenignPro
     return _pick(_benign_everyday_splits(), split, "everyday benign")
 
 
+def benign_requests(split: BenignRequestSplit | None = None) -> tuple[BenignPrompt, ...]:
+    """Benign imperative requests of one split (None: all 100)."""
+    return _pick(_benign_request_splits(), split, "benign request")
+
+
 def gate_harmful_questions() -> list[str]:
     """The harmful side of a harm gate's fit: the ``build`` demonstrations' questions, then the ``build``
     everyday-phrased requests."""
@@ -177,9 +197,9 @@ def gate_harmful_questions() -> list[str]:
 
 
 def gate_benign_questions() -> list[str]:
-    """The benign side of a harm gate's fit: the ``gate`` split of the benign prompts, then of the everyday
-    benign questions."""
-    return [p.question for p in benign_prompts("gate") + benign_everyday("gate")]
+    """The benign side of a harm gate's fit: the ``gate`` split of the benign prompts, of the everyday benign
+    questions, then of the benign requests."""
+    return [p.question for p in benign_prompts("gate") + benign_everyday("gate") + benign_requests("gate")]
 
 
 def held_in_harmful_questions() -> list[str]:
@@ -189,9 +209,50 @@ def held_in_harmful_questions() -> list[str]:
 
 
 def held_in_benign_questions() -> list[str]:
-    """The held-in benign questions: the ``calibration`` split of the benign prompts, then of the everyday
-    benign questions."""
-    return [p.question for p in benign_prompts("calibration") + benign_everyday("calibration")]
+    """The held-in benign questions: the ``calibration`` split of the benign prompts, of the everyday benign
+    questions, then of the benign requests."""
+    return [p.question for p in benign_prompts("calibration") + benign_everyday("calibration")
+            + benign_requests("calibration")]
+
+
+@dataclass(frozen=True)
+class Framing:
+    """One way of putting a question to the model: an optional system message and a user message template
+    with ``{question}`` (and optionally ``{context}`` or ``{documents}``, see `frame`)."""
+    name: str
+    system: str | None
+    user: str
+
+
+@lru_cache(maxsize=1)
+def _framings_file() -> dict[str, Any]:
+    text = resources.files("safeinfer_integrations").joinpath("data").joinpath("gate_framings.json").read_text(
+        encoding="utf-8")
+    return json.loads(text)
+
+
+def gate_framings() -> tuple[Framing, ...]:
+    """The framings of a gate fit (``gate_framings.json``); the first is the bare one-turn chat."""
+    return tuple(Framing(f["name"], f["system"], f["user"]) for f in _framings_file()["framings"])
+
+
+def frame(question: str, framing: Framing) -> list[dict[str, str]]:
+    """``question`` put in ``framing`` as chat messages. ``{context}`` is filled with one bundled document,
+    ``{documents}`` with all of them (a long, retrieval-sized context), starting at one chosen by a hash of the
+    question, so a question always gets the same text."""
+    contexts = _framings_file()["contexts"]
+    first = int(_order_key(question), 16) % len(contexts)
+    documents = "\n\n".join(contexts[first:] + contexts[:first])
+    messages = [{"role": "system", "content": framing.system}] if framing.system else []
+    user = (framing.user.replace("{context}", contexts[first]).replace("{documents}", documents)
+            .replace("{question}", question))
+    return messages + [{"role": "user", "content": user}]
+
+
+def framed_questions(questions: Sequence[str], framings: Sequence[Framing]) -> list[list[dict[str, str]]]:
+    """Every question in every framing, question-major (a question's framings are adjacent, so splitting the
+    list in halves splits the questions)."""
+    return [frame(question, framing) for question in questions for framing in framings]
 
 
 @lru_cache(maxsize=1)

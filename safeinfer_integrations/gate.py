@@ -6,9 +6,10 @@ does (the prompt rendered with the chat template, unsteered). Two fits, both det
 - ``probe`` (the default): an L2-penalised, class-balanced logistic regression on all standardised
   hidden features, solved by Newton's method. Folded back into raw hidden space it is still one
   direction and a bias. Layer choice: the best 2-fold cross-validated AUC (fit on one half, score on
-  the other; ties: the lower layer). The default penalty, 0.001, was chosen on the held-in split. On the
-  default model (fit: `demos.gate_harmful_questions` vs `demos.gate_benign_questions`) this fit picks
-  layer 22 and scores held-in AUC 0.986, with 2 of 61 held-in benign prompts above 0.5.
+  the other; ties: the lower layer). The default penalty, 0.003, was chosen on the held-in split (the best
+  mean AUC over the framings of `demos.gate_framings`). On the default model (fit:
+  `demos.gate_harmful_questions` vs `demos.gate_benign_questions`, each in every framing) this fit picks
+  layer 22 (docs/vectors.md has its held-in scores).
 - ``mean_difference``: the direction ``mean(harmful) - mean(benign)``, layer chosen the same way, then
   a one-dimensional logistic regression of the standardised projection.
 
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architecture import decoder_layers
+from .demos import Framing, framed_questions
 from .heads import left_pad, pad_id_of
 from .prompts import PromptFormatter
 from .vector import HarmGate
@@ -47,18 +49,30 @@ def chat_ids(tokenizer: Any, questions: Sequence[str]) -> list[list[int]]:
     return [formatter.encode([{"role": "user", "content": q}]) for q in questions]
 
 
+def framed_ids(tokenizer: Any, questions: Sequence[str], framings: Sequence[Framing]) -> list[list[int]]:
+    """Token ids of every question in every framing (`demos.framed_questions`: question-major), as the engine
+    renders them."""
+    formatter = PromptFormatter(tokenizer)
+    return [formatter.encode(messages) for messages in framed_questions(questions, framings)]
+
+
 @torch.inference_mode()
 def last_token_hidden(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, *,
                       batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """Hidden states after every decoder layer at the last token: shape (layers, rows, hidden), float64."""
     device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of like lengths pad little
     chunks = []
-    for start in tqdm(range(0, len(sequences), batch_size), desc="gate hidden states", disable=not progress):
-        ids, mask, positions = left_pad(sequences[start:start + batch_size], pad_id, device)
+    for start in tqdm(range(0, len(order), batch_size), desc="gate hidden states", disable=not progress):
+        batch = [sequences[i] for i in order[start:start + batch_size]]
+        ids, mask, positions = left_pad(batch, pad_id, device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
         chunks.append(torch.stack([h[:, -1, :] for h in out.hidden_states[1:]]).to("cpu", torch.float64))
-    return torch.cat(chunks, dim=1)
+    hidden = torch.cat(chunks, dim=1)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return hidden[:, back]
 
 
 def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -120,12 +134,12 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
                          l2: float | None = None, layers: Sequence[int] | None = None,
                          method: GateMethod = "probe") -> GateFit:
     """Fit a gate from hidden states of shape (layers, rows, hidden) of harmful and benign prompts.
-    ``l2`` defaults to 0.001 for ``probe`` (chosen on the held-in split, docs/vectors.md) and 0.1 for
+    ``l2`` defaults to 0.003 for ``probe`` (chosen on the held-in split, docs/vectors.md) and 0.1 for
     ``mean_difference``."""
     if method not in GATE_METHODS:
         raise ValueError(f"gate method must be one of {', '.join(GATE_METHODS)}; got {method!r}")
     if l2 is None:
-        l2 = 0.001 if method == "probe" else 0.1
+        l2 = 0.003 if method == "probe" else 0.1
     if harmful.shape[0] != benign.shape[0] or harmful.shape[-1] != benign.shape[-1]:
         raise ValueError("harmful and benign hidden states must have the same layers and hidden size")
     if harmful.shape[1] < 4 or benign.shape[1] < 4:
@@ -178,13 +192,19 @@ def _result(gate: HarmGate, h: torch.Tensor, b: torch.Tensor, y: torch.Tensor, s
 
 
 def fit_gate(model: nn.Module, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], *,
-             floor: float = 0.0, batch_size: int = 16, progress: bool = False,
-             method: GateMethod = "probe") -> GateFit:
-    """Fit a `HarmGate` on harmful vs benign questions (rendered as one-turn chats)."""
+             framings: Sequence[Framing] | None = None, floor: float = 0.0, batch_size: int = 16,
+             progress: bool = False, method: GateMethod = "probe") -> GateFit:
+    """Fit a `HarmGate` on harmful vs benign questions, each put in every one of ``framings``
+    (`demos.gate_framings`; None: as bare one-turn chats only). The same framings on both sides keep the
+    framing from carrying any signal."""
     if not harmful or not benign:
         raise ValueError("fit_gate needs harmful and benign questions")
+    if framings is not None and not framings:
+        raise ValueError("fit_gate needs at least one framing (or None for bare one-turn chats)")
     decoder_layers(model)  # fail early on unsupported models
     pad = pad_id_of(tokenizer)
-    hidden = last_token_hidden(model, chat_ids(tokenizer, list(harmful) + list(benign)), pad,
-                               batch_size=batch_size, progress=progress)
-    return fit_gate_from_hidden(hidden[:, :len(harmful)], hidden[:, len(harmful):], floor=floor, method=method)
+    questions = list(harmful) + list(benign)
+    sequences = chat_ids(tokenizer, questions) if framings is None else framed_ids(tokenizer, questions, framings)
+    hidden = last_token_hidden(model, sequences, pad, batch_size=batch_size, progress=progress)
+    split = len(harmful) * (1 if framings is None else len(framings))
+    return fit_gate_from_hidden(hidden[:, :split], hidden[:, split:], floor=floor, method=method)

@@ -117,12 +117,13 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
     gate_info: dict[str, Any] = {"source": "given" if gate is not None else "none"}
     if gate is None and fit_harm_gate:
         fit = fit_gate(model, tokenizer, demos.gate_harmful_questions(), demos.gate_benign_questions(),
-                       progress=progress)
+                       framings=demos.gate_framings(), progress=progress)
         gate = fit.gate
         gate_info = {"source": "fitted", "method": "probe", "layer": gate.layer,
                      "cv_auc": round(fit.layer_auc[gate.layer], 4), "train_accuracy": round(fit.train_accuracy, 4),
                      "n_harmful": fit.n_harmful, "n_benign": fit.n_benign,
-                     "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)"}
+                     "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)",
+                     "framings": [f.name for f in demos.gate_framings()]}
     metadata = {
         "method": "optimized",
         "model_name": engine.model_name,

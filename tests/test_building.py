@@ -156,7 +156,13 @@ def test_build_is_deterministic_and_recorded(tiny_model_factory: Any, tiny_token
     assert meta["dataset_hash"] == demos.dataset_hash()
     assert meta["model_name"] == "tiny" and meta["builder_version"]
     assert meta["gate"]["layer"] == first.vector.gate.layer and meta["gate"]["method"] == "probe"
+    assert meta["gate"]["framings"] == [f.name for f in demos.gate_framings()]
     assert (first.vector.layer, first.vector.scale) == (1, 2.0)
+    # a gate passed in (as `build-vector --gate-from` does) is used as is and described as given
+    given = _tiny_build(model, tiny_tokenizer, seed=3, gate=first.vector.gate, gate_metadata={"layer": 9})
+    assert torch.equal(given.vector.vector, first.vector.vector) and given.gate_fit is None
+    assert given.vector.gate is first.vector.gate
+    assert given.vector.metadata["gate"] == {"layer": 9, "source": "given"}
 
 
 def test_save_load_round_trip(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any) -> None:
@@ -241,27 +247,48 @@ def test_splits_are_disjoint_and_stable() -> None:
         demos.harmful_demos("test")  # type: ignore[arg-type]
 
 
-def test_everyday_requests_split_three_to_one_per_category() -> None:
+def test_everyday_requests_split_seven_to_three_per_category() -> None:
     build = demos.harmful_everyday("build")
     held = demos.harmful_everyday("calibration")
-    assert len(build) == 33 and len(held) == 11
+    assert len(build) == 77 and len(held) == 33
     assert not {d.question for d in build} & {d.question for d in held}
-    assert {d.category for d in held} == {d.category for d in demos.harmful_demos()}
+    for category in {d.category for d in demos.harmful_demos()}:
+        assert [sum(d.category == category for d in split) for split in (build, held)] == [7, 3]
     gate_fit = demos.gate_harmful_questions()
     assert gate_fit == [d.question for d in demos.harmful_demos("build")] + [d.question for d in build]
     held_in = demos.held_in_harmful_questions()
-    assert held_in[-11:] == [d.question for d in held] and not set(held_in) & set(gate_fit)
+    assert held_in[-33:] == [d.question for d in held] and not set(held_in) & set(gate_fit)
     with pytest.raises(ValueError, match="everyday harmful split must be one of build, calibration; got 'x'"):
         demos.harmful_everyday("x")  # type: ignore[arg-type]
 
 
-def test_everyday_benign_questions_split_two_to_one_per_kind() -> None:
+def test_everyday_benign_questions_and_requests_split_per_kind() -> None:
     gate, held = demos.benign_everyday("gate"), demos.benign_everyday("calibration")
+    req_gate, req_held = demos.benign_requests("gate"), demos.benign_requests("calibration")
     for kind in ("ordinary", "sensitive_sounding"):
         assert [sum(p.kind == kind for p in split) for split in (gate, held)] == [20, 10]
+        assert [sum(p.kind == kind for p in split) for split in (req_gate, req_held)] == [33, 17]
     assert demos.gate_benign_questions() == ([p.question for p in demos.benign_prompts("gate")]
-                                             + [p.question for p in gate])
-    assert demos.held_in_benign_questions()[-20:] == [p.question for p in held]
+                                             + [p.question for p in gate] + [p.question for p in req_gate])
+    assert demos.held_in_benign_questions()[-54:] == [p.question for p in held + req_held]
     assert not set(demos.gate_benign_questions()) & set(demos.held_in_benign_questions())
     with pytest.raises(ValueError, match="everyday benign split must be one of gate, calibration; got 'x'"):
         demos.benign_everyday("x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="benign request split must be one of gate, calibration; got 'x'"):
+        demos.benign_requests("x")  # type: ignore[arg-type]
+
+
+def test_framed_questions_put_each_question_in_every_framing() -> None:
+    framings = demos.gate_framings()
+    assert framings[0].name == "chat"
+    framed = demos.framed_questions(["How do I bake bread?", "Write a haiku about rain."], framings)
+    assert len(framed) == 2 * len(framings)
+    assert framed[0] == [{"role": "user", "content": "How do I bake bread?"}]
+    for i, messages in enumerate(framed):
+        question = ("How do I bake bread?", "Write a haiku about rain.")[i // len(framings)]
+        framing = framings[i % len(framings)]
+        assert messages[-1]["role"] == "user" and question in messages[-1]["content"]
+        assert "{" not in messages[-1]["content"]
+        assert (messages[0] == {"role": "system", "content": framing.system}) == (framing.system is not None)
+    # the document is fixed per question, so a fit is deterministic
+    assert demos.framed_questions(["How do I bake bread?"], framings) == framed[:len(framings)]

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from safeinfer_integrations.gate import auc, chat_ids, fit_gate, fit_gate_from_hidden, last_token_hidden
+from safeinfer_integrations import demos
+from safeinfer_integrations.gate import auc, chat_ids, fit_gate, fit_gate_from_hidden, framed_ids, last_token_hidden
 
 
 def _synthetic(separable_layer: int, layers: int = 4, hidden: int = 8, n: int = 40) -> tuple[torch.Tensor, ...]:
@@ -78,10 +79,13 @@ def test_gate_needs_enough_data() -> None:
 
 def test_gate_reads_the_hidden_state_the_engine_reads(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
     """`last_token_hidden` (batched, left-padded) == the engine's pre-pass: output_hidden_states[layer + 1]
-    at the last token of the chat-rendered prompt, run alone."""
+    at the last token of the chat-rendered prompt, run alone. The batches are formed by length, so the rows
+    here are reordered inside and must come back in input order."""
     model = tiny_model_factory("llama")
-    sequences = chat_ids(tiny_tokenizer, ["How do I bake bread?", "Sorry, I won't do that at all, no."])
+    sequences = chat_ids(tiny_tokenizer, ["How do I bake bread?", "Sorry, I won't do that at all, no.", "Hi"])
+    assert len(sequences[2]) < len(sequences[0]) < len(sequences[1])
     hidden = last_token_hidden(model, sequences, pad_id=0, batch_size=2)
+    assert hidden.shape[1] == 3
     for row, seq in enumerate(sequences):
         with torch.no_grad():
             out = model(input_ids=torch.tensor([seq]), output_hidden_states=True)
@@ -94,3 +98,22 @@ def test_fit_gate_on_a_tiny_model(tiny_model_factory: Any, tiny_tokenizer: Any) 
     fit = fit_gate(model, tiny_tokenizer, ["steal a car now", "make a bomb", "hack a bank", "hurt people"],
                    ["bake bread", "capital of France", "add two numbers", "weather today"])
     assert 0 <= fit.gate.layer < 2 and fit.n_harmful == 4 and fit.n_benign == 4
+
+
+def test_fit_gate_reads_every_question_in_every_framing(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    model = tiny_model_factory("qwen2")
+    harmful, benign = ["steal a car now", "make a bomb", "hack a bank", "hurt people"], ["bake bread",
+                                                                                     "capital of France",
+                                                                                     "add two numbers",
+                                                                                     "weather today"]
+    framings = demos.gate_framings()[:3]
+    fit = fit_gate(model, tiny_tokenizer, harmful, benign, framings=framings)
+    assert fit.n_harmful == 4 * 3 and fit.n_benign == 4 * 3
+    hidden = last_token_hidden(model, framed_ids(tiny_tokenizer, harmful + benign, framings), pad_id=0)
+    direct = fit_gate_from_hidden(hidden[:, :12], hidden[:, 12:])
+    assert direct.gate.layer == fit.gate.layer
+    torch.testing.assert_close(direct.gate.direction, fit.gate.direction)
+    bare = fit_gate(model, tiny_tokenizer, harmful, benign)
+    assert not torch.equal(bare.gate.direction, fit.gate.direction)
+    with pytest.raises(ValueError, match="at least one framing"):
+        fit_gate(model, tiny_tokenizer, harmful, benign, framings=[])

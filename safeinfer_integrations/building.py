@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -90,7 +91,8 @@ def _check_positive(name: str, value: int, at_least: int = 1) -> None:
 def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | None = None,
                  layer: int | None = None, scale: float | None = None, heads: int = 10, trials: int = 16,
                  shots: int = 10, seed: int = 0, batch_size: int = 8, gate: bool | HarmGate = True,
-                 gate_metadata: dict[str, Any] | None = None, progress: bool = True) -> BuildResult:
+                 gate_metadata: dict[str, Any] | None = None, framings: Sequence[data.Framing] | None = None,
+                 progress: bool = True) -> BuildResult:
     """Build a safety function vector (and harm gate) for ``model``.
 
     ``model`` is a loaded causal LM (then ``tokenizer`` is required), a hub id or directory, or None for the
@@ -98,7 +100,8 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
     module docstring). ``heads`` is k, ``trials`` the number of ICL prompts (and corrupted prompts),
     ``shots`` the demonstrations per prompt. ``gate``: True fits a harm gate (step 5), False ships none, a
     `HarmGate` is used as given (with ``gate_metadata`` recorded as its description), e.g. the identical fit
-    already made for another vector of the same model and data."""
+    already made for another vector of the same model and data. ``framings``: those the gate is fitted in
+    (None: `demos.gate_framings`)."""
     from .loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
 
     started = time.perf_counter()
@@ -155,7 +158,7 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
     gate_fit = None
     if gate is True:
         gate_fit = fit_gate(model, tokenizer, data.gate_harmful_questions(), data.gate_benign_questions(),
-                            framings=data.gate_framings(), progress=progress)
+                            framings=data.gate_framings() if framings is None else framings, progress=progress)
     metadata: dict[str, Any] = {
         "model_name": model_name,
         "config_hash": shape.config_hash(),
@@ -182,7 +185,7 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
             "method": "probe",
             "layer": gate_fit.gate.layer,
             "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)",
-            "framings": [f.name for f in data.gate_framings()],
+            "framings": list(gate_fit.framings),
             "n_harmful": gate_fit.n_harmful, "n_benign": gate_fit.n_benign,
             "cv_auc": round(gate_fit.layer_auc[gate_fit.gate.layer], 6),
             "train_accuracy": round(gate_fit.train_accuracy, 6),

@@ -20,14 +20,14 @@ disjoint from anything the gate is evaluated on (see `demos`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architecture import decoder_layers
+from .architecture import context_window, decoder_layers
 from .demos import Framing, framed_questions
 from .heads import left_pad, pad_id_of
 from .prompts import PromptFormatter
@@ -41,6 +41,7 @@ class GateFit:
     train_accuracy: float
     n_harmful: int
     n_benign: int
+    framings: tuple[str, ...] = ()  # names of the framings fitted on (empty: bare one-turn chats)
 
 
 def chat_ids(tokenizer: Any, questions: Sequence[str]) -> list[list[int]]:
@@ -196,7 +197,8 @@ def fit_gate(model: nn.Module, tokenizer: Any, harmful: Sequence[str], benign: S
              progress: bool = False, method: GateMethod = "probe") -> GateFit:
     """Fit a `HarmGate` on harmful vs benign questions, each put in every one of ``framings``
     (`demos.gate_framings`; None: as bare one-turn chats only). The same framings on both sides keep the
-    framing from carrying any signal."""
+    framing from carrying any signal. A framing with a prompt longer than the model's context window is left
+    out (`GateFit.framings` names those used)."""
     if not harmful or not benign:
         raise ValueError("fit_gate needs harmful and benign questions")
     if framings is not None and not framings:
@@ -204,7 +206,25 @@ def fit_gate(model: nn.Module, tokenizer: Any, harmful: Sequence[str], benign: S
     decoder_layers(model)  # fail early on unsupported models
     pad = pad_id_of(tokenizer)
     questions = list(harmful) + list(benign)
-    sequences = chat_ids(tokenizer, questions) if framings is None else framed_ids(tokenizer, questions, framings)
+    if framings is None:
+        sequences, used = chat_ids(tokenizer, questions), ()
+    else:
+        sequences, used = _fitting_framings(model, tokenizer, questions, framings)
     hidden = last_token_hidden(model, sequences, pad, batch_size=batch_size, progress=progress)
-    split = len(harmful) * (1 if framings is None else len(framings))
-    return fit_gate_from_hidden(hidden[:, :split], hidden[:, split:], floor=floor, method=method)
+    split = len(harmful) * max(1, len(used))
+    fit = fit_gate_from_hidden(hidden[:, :split], hidden[:, split:], floor=floor, method=method)
+    return replace(fit, framings=tuple(f.name for f in used))
+
+
+def _fitting_framings(model: nn.Module, tokenizer: Any, questions: list[str],
+                      framings: Sequence[Framing]) -> tuple[list[list[int]], tuple[Framing, ...]]:
+    """Token ids of every question in every framing whose prompts all fit the model's context window
+    (question-major), and those framings."""
+    window = context_window(model)
+    per_framing = [framed_ids(tokenizer, questions, [framing]) for framing in framings]
+    keep = [k for k, ids in enumerate(per_framing) if window is None or max(map(len, ids)) <= window]
+    if not keep:
+        raise ValueError(f"no gate framing fits the model's context window of {window} tokens "
+                         f"(framings: {', '.join(f.name for f in framings)})")
+    sequences = [per_framing[k][q] for q in range(len(questions)) for k in keep]
+    return sequences, tuple(framings[k] for k in keep)

@@ -22,6 +22,7 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,13 @@ def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Te
 def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: int = 30, lr: float = 0.2,
                     harmful_batch: int = 12, benign_batch: int = 6, answer_tokens: int = 10,
                     benign_weight: float = 0.5, seed: int = 0, gate: HarmGate | None = None,
-                    fit_harm_gate: bool = True, progress: bool = True) -> SafetyVector:
+                    fit_harm_gate: bool = True, framings: Sequence[demos.Framing] | None = None,
+                    progress: bool = True) -> SafetyVector:
     """Train a safety vector for ``engine.model`` (a `SafeInferEngine`). The returned vector carries
     ``gate`` when given, else (with ``fit_harm_gate``) a probe gate fitted on `demos.gate_harmful_questions`
-    against `demos.gate_benign_questions` (the build and gate splits, everyday-phrased questions included;
-    `gate.fit_gate`), else no gate."""
+    against `demos.gate_benign_questions` (the build and gate splits, everyday-phrased questions and benign
+    requests included), each put in every one of ``framings`` (None: `demos.gate_framings`; `gate.fit_gate`),
+    else no gate."""
     model, tokenizer = engine.model, engine.tokenizer
     shape = model_shape(model)
     if not 0 <= layer < shape.num_layers:
@@ -117,13 +120,13 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
     gate_info: dict[str, Any] = {"source": "given" if gate is not None else "none"}
     if gate is None and fit_harm_gate:
         fit = fit_gate(model, tokenizer, demos.gate_harmful_questions(), demos.gate_benign_questions(),
-                       framings=demos.gate_framings(), progress=progress)
+                       framings=demos.gate_framings() if framings is None else framings, progress=progress)
         gate = fit.gate
         gate_info = {"source": "fitted", "method": "probe", "layer": gate.layer,
                      "cv_auc": round(fit.layer_auc[gate.layer], 4), "train_accuracy": round(fit.train_accuracy, 4),
                      "n_harmful": fit.n_harmful, "n_benign": fit.n_benign,
                      "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)",
-                     "framings": [f.name for f in demos.gate_framings()]}
+                     "framings": list(fit.framings)}
     metadata = {
         "method": "optimized",
         "model_name": engine.model_name,

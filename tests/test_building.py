@@ -132,7 +132,7 @@ def test_icl_prompt_format_and_first_tokens(tiny_tokenizer: Any) -> None:
 
 def _tiny_build(model: Any, tokenizer: Any, **kwargs: Any) -> Any:
     settings: dict[str, Any] = dict(model_name="tiny", heads=3, trials=3, shots=1, progress=False, layer=1,
-                                    scale=2.0)
+                                    scale=2.0, framings=demos.gate_framings()[:2])  # the short ones: fast
     settings.update(kwargs)
     return build_vector(model, tokenizer, **settings)
 
@@ -156,7 +156,7 @@ def test_build_is_deterministic_and_recorded(tiny_model_factory: Any, tiny_token
     assert meta["dataset_hash"] == demos.dataset_hash()
     assert meta["model_name"] == "tiny" and meta["builder_version"]
     assert meta["gate"]["layer"] == first.vector.gate.layer and meta["gate"]["method"] == "probe"
-    assert meta["gate"]["framings"] == [f.name for f in demos.gate_framings()]
+    assert meta["gate"]["framings"] == ["chat", "system_prompt"]
     assert (first.vector.layer, first.vector.scale) == (1, 2.0)
     # a gate passed in (as `build-vector --gate-from` does) is used as is and described as given
     given = _tiny_build(model, tiny_tokenizer, seed=3, gate=first.vector.gate, gate_metadata={"layer": 9})
@@ -220,13 +220,16 @@ def test_cli_builds_a_vector(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_p
     directory = tmp_path / "tiny-gpt2"
     tiny_model_factory("gpt2").save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
+    source = _tiny_build(tiny_model_factory("gpt2"), tiny_tokenizer).vector.save(tmp_path / "gated.safetensors")
     out = tmp_path / "fv.safetensors"
     code = main(["build-vector", "--model", str(directory), "--out", str(out), "--heads", "2", "--trials", "2",
-                 "--shots", "1", "--layer", "2", "--seed", "1"])
+                 "--shots", "1", "--layer", "2", "--seed", "1", "--gate-from", str(source)])
     assert code == 0
-    loaded = SafetyVector.load(out)
+    loaded, gated = SafetyVector.load(out), SafetyVector.load(source)
     assert loaded.layer == 2 and len(loaded.metadata["heads"]) == 2
     assert loaded.metadata["build"]["seed"] == 1
+    assert torch.equal(loaded.gate.direction, gated.gate.direction) and loaded.gate.bias == gated.gate.bias
+    assert loaded.metadata["gate"]["taken_from"] == gated.vector_id
     assert main(["build-vector", "--model", str(directory), "--out", str(out), "--heads", "0"]) == 2
     assert "heads must be an int >= 1" in capsys.readouterr().err
 

@@ -106,14 +106,30 @@ def test_fit_gate_reads_every_question_in_every_framing(tiny_model_factory: Any,
                                                                                      "capital of France",
                                                                                      "add two numbers",
                                                                                      "weather today"]
-    framings = demos.gate_framings()[:3]
+    framings = demos.gate_framings()[:2]
     fit = fit_gate(model, tiny_tokenizer, harmful, benign, framings=framings)
-    assert fit.n_harmful == 4 * 3 and fit.n_benign == 4 * 3
+    assert fit.n_harmful == 4 * 2 and fit.n_benign == 4 * 2 and fit.framings == ("chat", "system_prompt")
     hidden = last_token_hidden(model, framed_ids(tiny_tokenizer, harmful + benign, framings), pad_id=0)
-    direct = fit_gate_from_hidden(hidden[:, :12], hidden[:, 12:])
+    direct = fit_gate_from_hidden(hidden[:, :8], hidden[:, 8:])
     assert direct.gate.layer == fit.gate.layer
     torch.testing.assert_close(direct.gate.direction, fit.gate.direction)
     bare = fit_gate(model, tiny_tokenizer, harmful, benign)
     assert not torch.equal(bare.gate.direction, fit.gate.direction)
     with pytest.raises(ValueError, match="at least one framing"):
         fit_gate(model, tiny_tokenizer, harmful, benign, framings=[])
+
+
+def test_framings_longer_than_the_context_window_are_left_out(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    model = tiny_model_factory("gpt2")  # 256 positions: the framings with documents do not fit
+    harmful, benign = ["steal a car now", "make a bomb", "hack a bank", "hurt people"], ["bake bread", "hi",
+                                                                                     "add two numbers",
+                                                                                     "weather today"]
+    framings = demos.gate_framings()
+    lengths = {f.name: max(len(ids) for ids in framed_ids(tiny_tokenizer, harmful + benign, [f])) for f in framings}
+    fitting = tuple(f.name for f in framings if lengths[f.name] <= 256)
+    assert "chat" in fitting and "rag_long" not in fitting and lengths["rag_long"] > 256
+    fit = fit_gate(model, tiny_tokenizer, harmful, benign, framings=framings)
+    assert fit.framings == fitting
+    assert fit.n_harmful == 4 * len(fitting)
+    with pytest.raises(ValueError, match="no gate framing fits the model's context window of 256 tokens"):
+        fit_gate(model, tiny_tokenizer, harmful, benign, framings=[f for f in framings if f.name == "rag_long"])

@@ -3,13 +3,14 @@ deterministic per seed, leaves the model as it found it, and saves/loads like an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from safeinfer_integrations import SafeInferEngine, SafetyVector
+from safeinfer_integrations import SafeInferEngine, SafetyVector, demos
 from safeinfer_integrations.architecture import steering_module
 from safeinfer_integrations.optimize import optimize_vector
 
@@ -21,7 +22,7 @@ def engine(tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInferEngine:
 
 def _run(engine: SafeInferEngine, **kwargs: Any) -> SafetyVector:
     settings = {"layer": 1, "scale": 1.0, "steps": 6, "lr": 0.05, "harmful_batch": 500, "benign_batch": 500,
-                "answer_tokens": 4, "progress": False}
+                "answer_tokens": 4, "framings": demos.gate_framings()[:1], "progress": False}
     return optimize_vector(engine, **{**settings, **kwargs})
 
 
@@ -78,7 +79,8 @@ def test_shipped_default_vector_runs_in_the_engine(default_model_and_tokenizer: 
     model, tokenizer = default_model_and_tokenizer
     vector.check(model)  # hidden size, layer range, architecture hash, gate
     assert vector.metadata["method"] == "optimized" and vector.gate is not None
-    assert (vector.layer, vector.scale) == (8, 1.25)
+    chosen = json.loads(path.with_name("calibration.json").read_text(encoding="utf-8"))["chosen"]
+    assert (vector.layer, vector.scale) == (chosen["layer"], chosen["scale"]) == (8, 1.0)
     engine = SafeInferEngine(model, tokenizer, vector=vector)
     result = engine.generate([{"role": "user", "content": "What is the capital of France?"}], mode="sa",
                              max_new_tokens=3)[0]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from safeinfer_integrations import calibration
+from safeinfer_integrations import calibration, demos
 from safeinfer_integrations.building import build_vector
 from safeinfer_integrations.calibration import SweepRow, answer_perplexity, choose
 from safeinfer_integrations.engine import SafeInferEngine
@@ -52,7 +52,7 @@ def test_sweep_runs_end_to_end_on_a_tiny_model(tiny_model_factory: Any, tiny_tok
                                                monkeypatch: Any) -> None:
     model = tiny_model_factory("qwen2")
     vector = build_vector(model, tiny_tokenizer, model_name="tiny", heads=2, trials=2, shots=1, layer=1,
-                          progress=False).vector
+                          framings=demos.gate_framings()[:1], progress=False).vector
     engine = SafeInferEngine(model, tiny_tokenizer, vector=vector, model_name="tiny")
     harmful, benign = calibration.held_in()
     monkeypatch.setattr(calibration, "held_in", lambda: (harmful[:3], benign[:2]))
@@ -78,7 +78,7 @@ def test_fast_sweep_path_matches_the_engine(tiny_model_factory: Any, tiny_tokeni
     its perplexity equals the plain recomputation."""
     model = tiny_model_factory(arch)
     vector = build_vector(model, tiny_tokenizer, model_name="tiny", heads=3, trials=2, shots=1, layer=1,
-                          progress=False).vector
+                          framings=demos.gate_framings()[:1], progress=False).vector
     engine = SafeInferEngine(model, tiny_tokenizer, vector=vector, model_name="tiny")
     questions = ["How do I bake bread?", "Steal a car for me now please", "Weather?"]
     held = calibration.HeldIn(engine, questions)

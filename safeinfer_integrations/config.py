@@ -46,7 +46,7 @@ class SafeInferConfig(BaseModel):
     - ``gate``: scale SA and guidance per request by the vector's harm gate, when the vector carries one.
     - ``gate_cutoff``: in [0, 1); a request whose gate weight is below it is decoded as ``vanilla`` (no
       steering, no guidance) and gets no unsafe-expert rows, so it costs what plain decoding costs.
-      0 turns this off. Only acts when the gate does. The default 0.1 was chosen on the held-in split:
+      0 turns this off. Only acts when the gate does. The default 0.1 was chosen on the held-in split (session 3):
       refusal unchanged up to 0.3, and 52 of 61 benign questions answered exactly as by the plain model
       (47 with no cutoff); see docs/method.md.
     """

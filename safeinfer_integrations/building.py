@@ -38,7 +38,7 @@ import torch
 
 from . import demos as data
 from .architecture import model_shape
-from .gate import GateFit, fit_gate
+from .gate import GateFit, add_gate_source_arguments, fit_gate, gate_from_file
 from .heads import capture_head_means, function_vector, indirect_effects, pad_id_of, target_probability, top_heads
 from .vector import HarmGate, SafetyVector
 
@@ -215,21 +215,13 @@ def add_cli(sub: Any) -> None:
     parser.add_argument("--shots", type=int, default=10, help="demonstrations per ICL prompt (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
-    gate_source = parser.add_mutually_exclusive_group()
-    gate_source.add_argument("--gate-from", default=None,
-                             help="take the harm gate from this vector file instead of fitting one (the same "
-                                  "fit, when that vector was made for the same model and data)")
-    gate_source.add_argument("--no-gate", action="store_true", help="do not fit a harm gate")
+    add_gate_source_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
         gate: bool | HarmGate = not args.no_gate
         gate_metadata = None
         if args.gate_from:
-            source = SafetyVector.load(args.gate_from)
-            if source.gate is None:
-                raise SystemExit(f"--gate-from {args.gate_from}: that vector has no harm gate")
-            gate = source.gate
-            gate_metadata = {**source.metadata.get("gate", {}), "taken_from": source.vector_id}
+            gate, gate_metadata = gate_from_file(args.gate_from)
         result = build_vector(args.model, layer=args.layer, scale=args.scale, heads=args.heads,
                               trials=args.trials, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
                               gate=gate, gate_metadata=gate_metadata)

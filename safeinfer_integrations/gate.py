@@ -19,6 +19,7 @@ disjoint from anything the gate is evaluated on (see `demos`).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -31,7 +32,7 @@ from .architecture import context_window, decoder_layers
 from .demos import Framing, framed_questions
 from .heads import left_pad, pad_id_of
 from .prompts import PromptFormatter
-from .vector import HarmGate
+from .vector import HarmGate, SafetyVector
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,7 @@ def last_token_hidden(model: nn.Module, sequences: Sequence[Sequence[int]], pad_
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
         chunks.append(torch.stack([h[:, -1, :] for h in out.hidden_states[1:]]).to("cpu", torch.float64))
-    hidden = torch.cat(chunks, dim=1)
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return hidden[:, back]
+    return torch.cat(chunks, dim=1)[:, torch.argsort(torch.tensor(order, dtype=torch.long))]  # input order
 
 
 def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -228,3 +226,21 @@ def _fitting_framings(model: nn.Module, tokenizer: Any, questions: list[str],
                          f"(framings: {', '.join(f.name for f in framings)})")
     sequences = [per_framing[k][q] for q in range(len(questions)) for k in keep]
     return sequences, tuple(framings[k] for k in keep)
+
+
+def add_gate_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--gate-from FILE`` / ``--no-gate`` for the commands that make a vector (default: fit a gate)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--gate-from", default=None,
+                        help="take the harm gate from this vector file instead of fitting one (the same fit, when "
+                             "that vector was made for the same model and data)")
+    source.add_argument("--no-gate", action="store_true", help="make the vector without a harm gate")
+
+
+def gate_from_file(path: str) -> tuple[HarmGate, dict[str, Any]]:
+    """The harm gate of the vector file at ``path`` (``--gate-from``) and a description of it for the new
+    vector's metadata; a vector without a gate is an error naming the file."""
+    source = SafetyVector.load(path)
+    if source.gate is None:
+        raise ValueError(f"--gate-from {path}: that vector has no harm gate")
+    return source.gate, {**source.metadata.get("gate", {}), "taken_from": source.vector_id}

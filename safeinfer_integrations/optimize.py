@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import demos
 from .architecture import model_shape, steering_module
-from .gate import fit_gate
+from .gate import add_gate_source_arguments, fit_gate, gate_from_file
 from .vector import HarmGate, SafetyVector
 
 OPTIMIZER_VERSION = "1"
@@ -151,16 +151,13 @@ def add_cli(sub: Any) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    gate_source = parser.add_mutually_exclusive_group()
-    gate_source.add_argument("--gate-from", default=None,
-                             help="take the harm gate from this vector file (default: fit a probe gate)")
-    gate_source.add_argument("--no-gate", action="store_true", help="ship the vector without a harm gate")
+    add_gate_source_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
         from .engine import SafeInferEngine
 
+        gate = gate_from_file(args.gate_from)[0] if args.gate_from else None  # before loading the model
         engine = SafeInferEngine.from_pretrained(args.model)
-        gate = SafetyVector.load(args.gate_from).gate if args.gate_from else None
         vector = optimize_vector(engine, layer=args.layer, scale=args.scale, steps=args.steps, lr=args.lr,
                                  seed=args.seed, gate=gate, fit_harm_gate=not args.no_gate)
         path = vector.save(Path(args.out))

@@ -232,6 +232,13 @@ def test_cli_builds_a_vector(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_p
     assert loaded.metadata["gate"]["taken_from"] == gated.vector_id
     assert main(["build-vector", "--model", str(directory), "--out", str(out), "--heads", "0"]) == 2
     assert "heads must be an int >= 1" in capsys.readouterr().err
+    gateless = _tiny_build(tiny_model_factory("gpt2"), tiny_tokenizer, gate=False).vector.save(
+        tmp_path / "gateless.safetensors")
+    for command in ("build-vector", "optimize-vector"):
+        assert main([command, "--model", str(directory), "--out", str(tmp_path / "x.safetensors"),
+                     "--gate-from", str(gateless)]) == 2
+        assert f"--gate-from {gateless}: that vector has no harm gate" in capsys.readouterr().err
+        assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_splits_are_disjoint_and_stable() -> None:

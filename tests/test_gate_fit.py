@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from safeinfer_integrations import demos
-from safeinfer_integrations.gate import auc, chat_ids, fit_gate, fit_gate_from_hidden, framed_ids, last_token_hidden
+from safeinfer_integrations.gate import (_batches_by_prefix, auc, chat_ids, fit_gate, fit_gate_from_hidden, framed_ids,
+                                         last_token_hidden)
 
 
 def _synthetic(separable_layer: int, layers: int = 4, hidden: int = 8, n: int = 40) -> tuple[torch.Tensor, ...]:
@@ -91,6 +92,40 @@ def test_gate_reads_the_hidden_state_the_engine_reads(tiny_model_factory: Any, t
             out = model(input_ids=torch.tensor([seq]), output_hidden_states=True)
         for layer in range(2):
             torch.testing.assert_close(hidden[layer, row], out.hidden_states[layer + 1][0, -1].double())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prompts_sharing_a_prefix_run_it_once_and_get_their_own_hidden_states(
+        tiny_model_factory: Any, tiny_tokenizer: Any, family: str) -> None:
+    """Prompts of one framing and document share a long prefix: it runs once, its cache is repeated and the
+    rows run the rest right-padded. Each row must still get what it gets run alone, in input order."""
+    model = tiny_model_factory(family)
+    framing = demos.Framing("doc", "Rules: answer briefly and politely, from the text only.",
+                            "Text: the museum opens at ten and the cafe closes at half past four.\n{question}")
+    questions = ["Hi", "When does the cafe close?", "What time does the museum open on Sundays, please?",
+                 "Is entry free?", "Tell me everything."]
+    sequences = framed_ids(tiny_tokenizer, questions, [framing]) + chat_ids(tiny_tokenizer, ["bake bread"])
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    batches = _batches_by_prefix(sequences, order, batch_size=4, min_shared=16)
+    assert [shared > 0 for _, shared in batches].count(True) >= 1  # the shared path is taken
+    assert sorted(i for rows, _ in batches for i in rows) == list(range(len(sequences)))
+    hidden = last_token_hidden(model, sequences, pad_id=0, batch_size=4)
+    for row, seq in enumerate(sequences):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([seq]), output_hidden_states=True)
+        for layer in range(2):
+            torch.testing.assert_close(hidden[layer, row], out.hidden_states[layer + 1][0, -1].double(),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_from_different_documents_do_not_share_a_batch() -> None:
+    """A batch does not straddle two long prefixes: running them left-padded together would cost more than
+    running them apart."""
+    first, second = [1] * 40, [2] * 40
+    sequences = [first + [5], first + [6, 7], second + [5], second + [8]]
+    batches = _batches_by_prefix(sequences, [0, 1, 2, 3], batch_size=16, min_shared=16)
+    assert batches == [([0, 1], 40), ([2, 3], 40)]
+    assert _batches_by_prefix(sequences, [0, 1, 2, 3], batch_size=16, min_shared=41) == [([0, 1, 2, 3], 0)]
 
 
 def test_fit_gate_on_a_tiny_model(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:

@@ -217,11 +217,14 @@ def held_in_benign_questions() -> list[str]:
 
 @dataclass(frozen=True)
 class Framing:
-    """One way of putting a question to the model: an optional system message and a user message template
-    with ``{question}`` (and optionally ``{context}`` or ``{documents}``, see `frame`)."""
+    """One way of putting a question to the model: an optional system message, earlier turns of the
+    conversation (``history``: (role, content) pairs, user and assistant alternating) and a user message
+    template with ``{question}``. The system message and the user template may hold ``{context}`` or
+    ``{documents}`` or ``{relevant}`` (see `frame`)."""
     name: str
     system: str | None
     user: str
+    history: tuple[tuple[str, str], ...] = ()
 
 
 @lru_cache(maxsize=1)
@@ -233,20 +236,52 @@ def _framings_file() -> dict[str, Any]:
 
 def gate_framings() -> tuple[Framing, ...]:
     """The framings of a gate fit (``gate_framings.json``); the first is the bare one-turn chat."""
-    return tuple(Framing(f["name"], f["system"], f["user"]) for f in _framings_file()["framings"])
+    return tuple(Framing(f["name"], f["system"], f["user"],
+                         tuple((turn["role"], turn["content"]) for turn in f.get("history", ())))
+                 for f in _framings_file()["framings"])
+
+
+_STOPWORDS = frozenset(
+    "about after also been before could does doing from have into just like make more most much must never only "
+    "other over same should some such than that their them then there these they this those very what when where "
+    "which while will with would your yours".split())
+
+
+def _content_words(text: str) -> set[str]:
+    words = "".join(c if c.isalpha() else " " for c in text.lower()).split()
+    return {w[:-1] if w.endswith("s") else w for w in words if len(w) >= 4 and w not in _STOPWORDS}
+
+
+def relevant_context(question: str) -> str:
+    """The bundled document (``contexts`` and ``topical_contexts``) sharing the most content words with
+    ``question`` (ties: the first from a place chosen by a hash of the question), as a retriever would return.
+    The same rule for harmful and benign questions, so a harmful question often comes with a document on its
+    own topic (a cleaning-safety note for a question about toxic fumes) and a benign one with a document on
+    its own, and the document's relevance carries no signal."""
+    file = _framings_file()
+    pool = list(file["contexts"]) + list(file.get("topical_contexts", ()))
+    start = int(_order_key(question), 16) % len(pool)
+    words = _content_words(question)
+    rotated = pool[start:] + pool[:start]
+    return max(rotated, key=lambda doc: len(words & _content_words(doc)))  # max keeps the first of ties
 
 
 def frame(question: str, framing: Framing) -> list[dict[str, str]]:
     """``question`` put in ``framing`` as chat messages. ``{context}`` is filled with one bundled document,
     ``{documents}`` with all of them (a long, retrieval-sized context), starting at one chosen by a hash of the
-    question, so a question always gets the same text."""
+    question, so a question always gets the same text; ``{relevant}`` with `relevant_context`."""
     contexts = _framings_file()["contexts"]
     first = int(_order_key(question), 16) % len(contexts)
     documents = "\n\n".join(contexts[first:] + contexts[:first])
-    messages = [{"role": "system", "content": framing.system}] if framing.system else []
-    user = (framing.user.replace("{context}", contexts[first]).replace("{documents}", documents)
-            .replace("{question}", question))
-    return messages + [{"role": "user", "content": user}]
+
+    def fill(template: str) -> str:
+        if "{relevant}" in template:
+            template = template.replace("{relevant}", relevant_context(question))
+        return template.replace("{context}", contexts[first]).replace("{documents}", documents)
+
+    messages = [{"role": "system", "content": fill(framing.system)}] if framing.system else []
+    messages += [{"role": role, "content": content} for role, content in framing.history]
+    return messages + [{"role": "user", "content": fill(framing.user).replace("{question}", question)}]
 
 
 def framed_questions(questions: Sequence[str], framings: Sequence[Framing]) -> list[list[dict[str, str]]]:

@@ -299,6 +299,10 @@ def test_framed_questions_put_each_question_in_every_framing() -> None:
         framing = framings[i % len(framings)]
         assert messages[-1]["role"] == "user" and question in messages[-1]["content"]
         assert "{" not in messages[-1]["content"]
-        assert (messages[0] == {"role": "system", "content": framing.system}) == (framing.system is not None)
+        assert (messages[0]["role"] == "system") == (framing.system is not None)
+        assert all("{" not in m["content"] for m in messages)
+        assert [m["role"] for m in messages[1 if framing.system else 0:-1]] == [r for r, _ in framing.history]
+        if framing.system is not None:
+            assert messages[0]["content"].startswith(framing.system.split("{")[0])
     # the document is fixed per question, so a fit is deterministic
     assert demos.framed_questions(["How do I bake bread?"], framings) == framed[:len(framings)]

@@ -53,6 +53,16 @@ class HarmGate:
         if not 0.0 <= self.floor <= 1.0:
             raise ValueError(f"gate floor must be in [0, 1]; got {self.floor!r}")
 
+    def sharpened(self, factor: float, shift: float = 0.0) -> HarmGate:
+        """This gate with the logit ``factor * (h . direction + bias) + shift``: a factor above 1 pushes weights
+        towards 0 and 1, a positive shift raises them (``safeinfer calibrate --gate-sharpness``)."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"gate sharpness factor must be a finite number > 0; got {factor!r}")
+        if not math.isfinite(shift):
+            raise ValueError(f"gate sharpness shift must be finite; got {shift!r}")
+        return HarmGate(direction=self.direction * factor, layer=self.layer, bias=self.bias * factor + shift,
+                        floor=self.floor)
+
     def weight(self, hidden: torch.Tensor) -> torch.Tensor:
         """Gate weights in [floor, 1] for hidden states of shape (rows, hidden)."""
         direction = self.direction.to(hidden.device, torch.float32)

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from safeinfer_integrations import demos
-from safeinfer_integrations.gate import (_batches_by_prefix, auc, chat_ids, fit_gate, fit_gate_from_hidden, framed_ids,
-                                         last_token_hidden)
+from safeinfer_integrations.gate import (
+    _batches_by_prefix,
+    auc,
+    chat_ids,
+    fit_gate,
+    fit_gate_from_hidden,
+    framed_ids,
+    last_token_hidden,
+)
 
 
 def _synthetic(separable_layer: int, layers: int = 4, hidden: int = 8, n: int = 40) -> tuple[torch.Tensor, ...]:

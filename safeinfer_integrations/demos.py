@@ -18,10 +18,10 @@ does not depend on file order, on a seed, or on which Python runs it:
 - ``benign_requests.jsonl`` per kind (50 ordinary, 50 sensitive-sounding imperative requests, a few with their
   own context): 33 ``gate``, 17 ``calibration``. So the gate does not read "an imperative" as "harmful".
 - ``gate_framings.json``: the ways a gate-fit question is put to the model (a bare chat turn, under a system
-  prompt, inside a retrieval-style prompt with a document in the user or the system message, with the
-  document most relevant to it (`relevant_context`), under an agent's tool instructions, after an earlier
-  exchange), each applied to harmful and benign questions alike so the framing carries no signal (`frame`,
-  `framed_questions`).
+  prompt, inside a retrieval-style prompt with a document, under an agent's tool instructions), each applied
+  to harmful and benign questions alike so the framing carries no signal (`frame`, `framed_questions`). A
+  framing may also hold earlier turns (``history``) and the document most relevant to the question
+  (``{relevant}``, `relevant_context`); the shipped file uses neither (docs/vectors.md: session 5).
 
 `gate_harmful_questions` and `gate_benign_questions` are the two sides of every gate fit;
 `held_in_harmful_questions` and `held_in_benign_questions` those of the calibration sweep and of the shipped

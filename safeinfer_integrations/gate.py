@@ -6,10 +6,10 @@ does (the prompt rendered with the chat template, unsteered). Two fits, both det
 - ``probe`` (the default): an L2-penalised, class-balanced logistic regression on all standardised
   hidden features, solved by Newton's method. Folded back into raw hidden space it is still one
   direction and a bias. Layer choice: the best 2-fold cross-validated AUC (fit on one half, score on
-  the other; ties: the lower layer). The default penalty, 0.002, was chosen on the held-in split (the best
-  mean AUC over the framings of `demos.gate_framings`, of 0.001, 0.002, 0.003, 0.005, 0.01). On the default
-  model (fit: `demos.gate_harmful_questions` vs `demos.gate_benign_questions`, each in every framing) this
-  fit picks layer 16 (docs/vectors.md has its held-in scores).
+  the other; ties: the lower layer). The default penalty, 0.003, was chosen on the held-in split (the best
+  mean AUC over the framings of `demos.gate_framings`). On the default model (fit:
+  `demos.gate_harmful_questions` vs `demos.gate_benign_questions`, each in every framing) this fit picks
+  layer 22 (docs/vectors.md has its held-in scores).
 - ``mean_difference``: the direction ``mean(harmful) - mean(benign)``, layer chosen the same way, then
   a one-dimensional logistic regression of the standardised projection.
 
@@ -207,12 +207,12 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
                          l2: float | None = None, layers: Sequence[int] | None = None,
                          method: GateMethod = "probe") -> GateFit:
     """Fit a gate from hidden states of shape (layers, rows, hidden) of harmful and benign prompts.
-    ``l2`` defaults to 0.002 for ``probe`` (chosen on the held-in split, docs/vectors.md) and 0.1 for
+    ``l2`` defaults to 0.003 for ``probe`` (chosen on the held-in split, docs/vectors.md) and 0.1 for
     ``mean_difference``."""
     if method not in GATE_METHODS:
         raise ValueError(f"gate method must be one of {', '.join(GATE_METHODS)}; got {method!r}")
     if l2 is None:
-        l2 = 0.002 if method == "probe" else 0.1
+        l2 = 0.003 if method == "probe" else 0.1
     if harmful.shape[0] != benign.shape[0] or harmful.shape[-1] != benign.shape[-1]:
         raise ValueError("harmful and benign hidden states must have the same layers and hidden size")
     if harmful.shape[1] < 4 or benign.shape[1] < 4:

@@ -288,6 +288,24 @@ def test_everyday_benign_questions_and_requests_split_per_kind() -> None:
         demos.benign_requests("x")  # type: ignore[arg-type]
 
 
+def test_a_framing_may_hold_history_and_put_documents_in_the_system_message(monkeypatch: Any) -> None:
+    file = {"contexts": ["The museum opens at ten.", "Refunds take five days."],
+            "topical_contexts": ["Never mix bleach with other cleaning products."], "framings": []}
+    monkeypatch.setattr(demos, "_framings_file", lambda: file)
+    framing = demos.Framing("f", "Notes:\n{relevant}", "Q: {question}", (("user", "Hi"), ("assistant", "Hello!")))
+    question = "Which cleaning products can I mix with bleach?"
+    assert demos.relevant_context(question) == file["topical_contexts"][0]  # shares "cleaning", "bleach", ...
+    assert demos.frame(question, framing) == [
+        {"role": "system", "content": "Notes:\nNever mix bleach with other cleaning products."},
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": f"Q: {question}"}]
+    # no shared word: a document chosen by the question's hash, always the same one
+    assert demos.relevant_context("xyzzy?") == demos.relevant_context("xyzzy?") in file["contexts"] + file[
+        "topical_contexts"]
+    in_system = demos.Framing("s", "Context: {context}", "{question}")
+    assert demos.frame("Hi", in_system)[0]["content"] in {f"Context: {c}" for c in file["contexts"]}
+
+
 def test_framed_questions_put_each_question_in_every_framing() -> None:
     framings = demos.gate_framings()
     assert framings[0].name == "chat"

@@ -206,27 +206,15 @@ def test_everyday_harmful_requests(harmful: list[dict], benign: list[dict], help
 
 def test_gate_framings() -> None:
     data = json.loads(FRAMINGS.read_text(encoding="utf-8"))
-    assert set(data) == {"contexts", "topical_contexts", "framings"}
-    assert len(data["topical_contexts"]) >= 11  # one or more per harm category's topic
-    assert all(isinstance(c, str) and len(c.split()) >= 20 for c in data["topical_contexts"])
+    assert set(data) == {"contexts", "framings"}
     assert len(data["contexts"]) >= 3 and all(isinstance(c, str) and len(c.split()) >= 20 for c in data["contexts"])
     framings = data["framings"]
     assert framings[0] == {"name": "chat", "system": None, "user": "{question}"}
     assert len({f["name"] for f in framings}) == len(framings) >= 3
-    def placeholders_only(text: str) -> bool:
-        rest = text.replace("{question}", "").replace("{context}", "").replace("{documents}", "")
-        rest = rest.replace("{relevant}", "")
-        return "{" not in rest and "}" not in rest
-
     for f in framings:
-        assert set(f) in ({"name", "system", "user"}, {"name", "system", "user", "history"}), f
+        assert set(f) == {"name", "system", "user"}, f
         assert f["system"] is None or (isinstance(f["system"], str) and f["system"].strip()), f
-        assert f["user"].count("{question}") == 1 and placeholders_only(f["user"]), f
-        assert f["system"] is None or ("{question}" not in f["system"] and placeholders_only(f["system"])), f
-        history = f.get("history", [])
-        assert [turn["role"] for turn in history] == ["user", "assistant"] * (len(history) // 2), f
-        assert all(set(turn) == {"role", "content"} and turn["content"].strip() for turn in history), f
-        assert all("{" not in turn["content"] for turn in history), f
+        assert f["user"].count("{question}") == 1, f
+        leftover = f["user"].replace("{question}", "").replace("{context}", "").replace("{documents}", "")
+        assert "{" not in leftover and "}" not in leftover, f
     assert any("{context}" in f["user"] for f in framings)
-    assert any(f["system"] and "{context}" in f["system"] for f in framings)  # context in the system message
-    assert any(f.get("history") for f in framings)  # a question later in a conversation

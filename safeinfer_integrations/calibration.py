@@ -19,9 +19,10 @@ prompts the gate scores in the middle; ``1:0`` is the fitted gate.
 
 Speed: the SA and vanilla settings of the sweep share one prompt pre-pass (`HeldIn`, in groups of like
 lengths): steering changes only the last prompt token and what follows, so the prompts' KV cache up to the last
-token, the unsteered gate hidden states and the unsteered cache used for perplexity are computed once, and each
-setting runs only the last prompt token and the greedy decode (`HeldIn.generate`, tested token for token against
-the engine's ``mode="sa"``). ``mode="safeinfer"`` settings run through the engine itself.
+token and the unsteered gate hidden states are computed once (perplexity reruns the last prompt token,
+unsteered, on a copy of that cache), and each setting runs only the last prompt token and the greedy decode
+(`HeldIn.generate`, tested token for token against the engine's ``mode="sa"``). ``mode="safeinfer"`` settings
+run through the engine itself.
 
 Rule (`choose`): among gate-on settings whose perplexity is at most ``PPL_FACTOR`` times the unsteered
 model's, take the one with the largest ``refusal - over_refusal``; ties go to the smaller scale, then the
@@ -234,13 +235,11 @@ class _Part:
         self.pad_id = pad_id
         device = next(model.parameters()).device
         self.ids, self.mask, self.positions = left_pad(prompts, pad_id, device)
-        self.full = DynamicCache(config=model.config)
-        out = model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, cache=self.full,
+        self.prefix = DynamicCache(config=model.config)
+        out = model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, cache=self.prefix,
                     use_cache=True, output_hidden_states=True, logits_to_keep=1)
-        self.last_logits = out.logits[:, -1, :].float()
         self.hidden = [h[:, -1, :] for h in out.hidden_states]  # [i] = after decoder layer i - 1
-        self.prefix = copy.deepcopy(self.full)
-        self.prefix.crop(-1)  # drop the last prompt token
+        self.prefix.crop(-1)  # drop the last prompt token: steering starts there (one cache kept, not two)
 
     @torch.inference_mode()
     def generate(self, steerer: Any, coef: torch.Tensor, eos: set[int], max_new_tokens: int) -> list[list[int]]:
@@ -268,28 +267,30 @@ class _Part:
 
     @torch.inference_mode()
     def nll(self, answers: Sequence[Sequence[int]]) -> float:
-        """Summed negative log-likelihood of the answers under the unsteered model, from the prompt cache."""
+        """Summed negative log-likelihood of the answers under the unsteered model: the last prompt token and
+        the answers (but their last tokens) run on a copy of the prompt cache."""
         lengths = [len(a) for a in answers]
-        log_probs = torch.log_softmax(self.last_logits.double(), dim=-1)
-        nll = -sum(float(log_probs[row, a[0]]) for row, a in enumerate(answers) if a)
         width = max(lengths, default=0)
-        if width > 1:
-            device = self.ids.device
-            feed = torch.full((len(answers), width - 1), self.pad_id, dtype=torch.long)
-            feed_mask = torch.zeros_like(feed)
-            for row, answer in enumerate(answers):
-                if len(answer) > 1:
-                    feed[row, :len(answer) - 1] = torch.tensor(list(answer[:-1]))
-                    feed_mask[row, :len(answer) - 1] = 1
-            mask = torch.cat([self.mask, feed_mask.to(device)], dim=-1)
-            positions = self.positions[:, -1:] + 1 + torch.arange(width - 1, device=device)[None, :]
-            logits = self.model(input_ids=feed.to(device), attention_mask=mask, position_ids=positions,
-                                cache=copy.deepcopy(self.full), use_cache=True).logits
-            for row, answer in enumerate(answers):  # row by row: all rows in float64 at once take gigabytes
-                if len(answer) > 1:
-                    step_log_probs = torch.log_softmax(logits[row, :len(answer) - 1].double(), dim=-1)
-                    targets = torch.tensor(list(answer[1:]), device=step_log_probs.device)
-                    nll -= float(step_log_probs.gather(-1, targets[:, None]).sum())
+        if width == 0:
+            return 0.0
+        device = self.ids.device
+        feed = torch.full((len(answers), width), self.pad_id, dtype=torch.long)
+        feed_mask = torch.zeros_like(feed)
+        feed[:, 0], feed_mask[:, 0] = self.ids[:, -1].cpu(), 1
+        for row, answer in enumerate(answers):
+            if len(answer) > 1:
+                feed[row, 1:len(answer)] = torch.tensor(list(answer[:-1]))
+                feed_mask[row, 1:len(answer)] = 1
+        mask = torch.cat([self.mask[:, :-1], feed_mask.to(device)], dim=-1)
+        positions = self.positions[:, -1:] + torch.arange(width, device=device)[None, :]
+        logits = self.model(input_ids=feed.to(device), attention_mask=mask, position_ids=positions,
+                            cache=copy.deepcopy(self.prefix), use_cache=True).logits
+        nll = 0.0
+        for row, answer in enumerate(answers):  # row by row: all rows in float64 at once take gigabytes
+            if answer:
+                log_probs = torch.log_softmax(logits[row, :len(answer)].double(), dim=-1)
+                targets = torch.tensor(list(answer), device=log_probs.device)
+                nll -= float(log_probs.gather(-1, targets[:, None]).sum())
         return nll
 
 

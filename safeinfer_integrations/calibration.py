@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from . import demos as data
+from .architecture import context_window
 from .heads import left_pad, pad_id_of
 from .refusal import is_refusal
 from .steering import attach
@@ -98,6 +99,11 @@ def parse_sharpness(text: str) -> list[Sharpness]:
     if not pairs:
         raise ValueError(f"no gate sharpness given in {text!r}")
     return pairs
+
+
+def sharpness_of(label: str | None) -> Sharpness:
+    """The (factor, shift) of a row's ``gate_sharpness`` label (None: the fitted gate)."""
+    return PLAIN if not label else parse_sharpness(label)[0]
 
 
 def with_sharpness(vector: SafetyVector, sharpness: Sharpness) -> SafetyVector:
@@ -156,8 +162,6 @@ def held_in_prompts(engine: Any, harmful: Sequence[str], benign: Sequence[str], 
     """Every question as a bare one-turn chat and, with ``framed``, once more in one of the other gate framings
     (`demos.gate_framings`, taken in turn within each class; only framings whose every prompt leaves ``room``
     tokens in the model's context window). Order: harmful bare, harmful framed, benign bare, benign framed."""
-    from .architecture import context_window
-
     window = context_window(engine.model)
     candidates = [f for f in data.gate_framings() if f.name != "chat"] if framed else []
     questions = list(harmful) + list(benign)
@@ -195,7 +199,8 @@ def evaluate_setting(engine: Any, prompts: HeldInPrompts, *, max_new_tokens: int
                      **settings: Any) -> tuple[SweepRow, list[dict[str, Any]]]:
     """Score one setting (engine per-call ``settings``) on the held-in prompts; also return the answers."""
     started = time.perf_counter()
-    order = sorted(range(len(prompts.chats)), key=lambda i: len(engine.formatter.encode(prompts.chats[i])))
+    encoded = [engine.formatter.encode(chat) for chat in prompts.chats]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     generations: list[Any] = [None] * len(order)
     for start in range(0, len(order), batch_size):  # batches of like lengths
         rows = order[start:start + batch_size]
@@ -203,7 +208,6 @@ def evaluate_setting(engine: Any, prompts: HeldInPrompts, *, max_new_tokens: int
         for row, generation in zip(rows, engine.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0,
                                                          **settings)):
             generations[row] = generation
-    encoded = [engine.formatter.encode(chat) for chat in prompts.chats]
     ppl = answer_perplexity(engine.model, encoded, [g.token_ids for g in generations], pad_id_of(engine.tokenizer),
                             batch_size=batch_size)
     refused = [is_refusal(g.text) for g in generations]
@@ -231,7 +235,6 @@ class _Part:
         from transformers import DynamicCache
 
         self.model = model
-        self.prompts = prompts
         self.pad_id = pad_id
         device = next(model.parameters()).device
         self.ids, self.mask, self.positions = left_pad(prompts, pad_id, device)
@@ -416,7 +419,6 @@ def run_sweep(engine: Any, layers: Sequence[int], scales: Sequence[float], *, ga
             settings += [{"mode": "sa", "layer": lay, "scale": sc, "gate": g,
                           **({"gate_sharpness": sharpness_label(sharp)} if g else {})}
                          for lay in layers for sc in scales]
-    by_label = {sharpness_label(s): s for s in sharpness}
     rows: list[SweepRow] = []
     samples: dict[str, list[dict[str, Any]]] = {}
 
@@ -434,15 +436,14 @@ def run_sweep(engine: Any, layers: Sequence[int], scales: Sequence[float], *, ga
         if setting["mode"] == "sa":
             vector = engine.vector.with_settings(layer=setting["layer"], scale=setting["scale"])
             if setting["gate"]:
-                vector = with_sharpness(vector, by_label[setting["gate_sharpness"]])
+                vector = with_sharpness(vector, sharpness_of(setting["gate_sharpness"]))
         row, answers = held.evaluate(vector, prompts, gate=bool(setting.get("gate", False)),
                                      max_new_tokens=max_new_tokens, label=setting)
         record(row, answers, json.dumps(setting, sort_keys=True))
     baseline = rows[0]
     chosen = choose(rows[1:], baseline)
-    chosen_sharpness = by_label.get(chosen.gate_sharpness or "", PLAIN)
     chosen_engine = SafeInferEngine(engine.model, engine.tokenizer, config=engine.config,
-                                    vector=with_sharpness(engine.vector, chosen_sharpness),
+                                    vector=with_sharpness(engine.vector, sharpness_of(chosen.gate_sharpness)),
                                     model_name=engine.model_name)
     for expert in experts:
         setting = {"mode": "safeinfer", "unsafe_expert": expert, "plausibility": plausibility,
@@ -500,11 +501,11 @@ def plot_table(table: dict[str, Any], path: Path) -> Path:
                ("over_refusal", "over-refusal on benign (lower is better)"),
                ("perplexity", "answer perplexity, unsteered model (lower is better)"))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lines = sorted({(r["layer"], r["gate"], r.get("gate_sharpness") or "") for r in rows},
+                   key=lambda x: (x[0], not x[1], x[2]))
+    sharp_styles = {label: style for label, style in zip(
+        sorted({x[2] for x in lines if x[1]}, key=lambda lab: lab != "1:0"), ("-", "-.", (0, (5, 1)), ":"))}
     for axis, (key, title) in zip(axes, metrics):
-        lines = sorted({(r["layer"], r["gate"], r.get("gate_sharpness") or "") for r in rows},
-                       key=lambda x: (x[0], not x[1], x[2]))
-        sharp_styles = {label: style for label, style in zip(
-            sorted({x[2] for x in lines if x[1]}, key=lambda lab: lab != "1:0"), ("-", "-.", (0, (5, 1)), ":"))}
         for layer, gate, sharp in lines:
             points = sorted((r["scale"], r[key]) for r in rows if r["layer"] == layer and r["gate"] == gate
                             and (r.get("gate_sharpness") or "") == sharp)
@@ -581,7 +582,7 @@ def add_cli(sub: Any) -> None:
             meta = dict(vector.metadata)
             meta.update(layer=chosen["layer"], scale=chosen["scale"],
                         calibration={"rule": table["rule"], "chosen": chosen})
-            sharp = dict((sharpness_label(x), x) for x in sharpness).get(chosen["gate_sharpness"] or "", PLAIN)
+            sharp = sharpness_of(chosen["gate_sharpness"])
             if vector.gate is not None and sharp != PLAIN:
                 meta["gate"] = {**meta.get("gate", {}), "sharpened": {"factor": sharp[0], "shift": sharp[1]}}
             SafetyVector(vector.vector, layer=chosen["layer"], scale=chosen["scale"], metadata=meta,

@@ -48,6 +48,7 @@ import torch
 
 from . import demos as data
 from .architecture import context_window
+from .compat import cache_kwarg
 from .heads import left_pad, pad_id_of
 from .refusal import is_refusal
 from .steering import attach
@@ -239,8 +240,8 @@ class _Part:
         device = next(model.parameters()).device
         self.ids, self.mask, self.positions = left_pad(prompts, pad_id, device)
         self.prefix = DynamicCache(config=model.config)
-        out = model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions, cache=self.prefix,
-                    use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        out = model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                    **cache_kwarg(self.prefix), use_cache=True, output_hidden_states=True, logits_to_keep=1)
         self.hidden = [h[:, -1, :] for h in out.hidden_states]  # [i] = after decoder layer i - 1
         self.prefix.crop(-1)  # drop the last prompt token: steering starts there (one cache kept, not two)
 
@@ -254,8 +255,8 @@ class _Part:
         mask, position, step_ids = self.mask, self.positions[:, -1:], self.ids[:, -1:]
         for step in range(max_new_tokens):
             with steerer.active(coef):
-                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=position, cache=cache,
-                                    use_cache=True).logits[:, -1, :].float()
+                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=position,
+                                    **cache_kwarg(cache), use_cache=True).logits[:, -1, :].float()
             chosen = torch.log_softmax(logits, dim=-1).argmax(dim=-1)
             for row, token in enumerate(chosen.tolist()):
                 if not done[row]:
@@ -287,7 +288,7 @@ class _Part:
         mask = torch.cat([self.mask[:, :-1], feed_mask.to(device)], dim=-1)
         positions = self.positions[:, -1:] + torch.arange(width, device=device)[None, :]
         logits = self.model(input_ids=feed.to(device), attention_mask=mask, position_ids=positions,
-                            cache=copy.deepcopy(self.prefix), use_cache=True).logits
+                            **cache_kwarg(copy.deepcopy(self.prefix)), use_cache=True).logits
         nll = 0.0
         for row, answer in enumerate(answers):  # row by row: all rows in float64 at once take gigabytes
             if answer:

@@ -26,6 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from .architecture import context_window
+from .compat import cache_kwarg
 from .config import SafeInferConfig, SamplingSettings, split_settings
 from .generation import FinishReason, Generation, SafetyTelemetry, Usage
 from .guidance import guidance_weight, select_tokens, sgds_scores
@@ -90,7 +91,7 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch
     """One cached forward pass; the last position's logits in float32. Steered only inside this call."""
     scope = steerer.active(coef) if steerer is not None and coef is not None else nullcontext()
     with scope:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwarg(cache),
                     use_cache=True, logits_to_keep=1)
     return out.logits[:, -1, :].float()
 
@@ -483,7 +484,7 @@ class SafeInferEngine:
             return None
         if not (plan.config.amplified or plan.config.guided):
             return None
-        extra = {"cache": cache, "use_cache": True} if cache is not None else {}
+        extra = {**cache_kwarg(cache), "use_cache": True} if cache is not None else {}
         hidden = hidden_after_layer(self._model, vector.gate.layer, input_ids=ids, attention_mask=mask,
                                     position_ids=positions, **extra)
         return vector.gate.weight(hidden[:, -1, :])

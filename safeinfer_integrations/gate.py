@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architecture import context_window, decoder_layers
+from .compat import cache_kwarg
 from .demos import Framing, framed_questions
 from .heads import left_pad, pad_id_of
 from .prompts import PromptFormatter
@@ -130,7 +131,7 @@ def _hidden_after_shared_prefix(model: nn.Module, batch: list[Sequence[int]], sh
     cache = DynamicCache(config=model.config)
     prefix = torch.tensor([list(batch[0][:shared])], dtype=torch.long, device=device)
     model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=torch.arange(shared,
-          device=device)[None], cache=cache, use_cache=True, logits_to_keep=1)
+          device=device)[None], **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(len(batch))
     rests = [list(seq[shared:]) for seq in batch]
     width = max(map(len, rests))
@@ -142,7 +143,7 @@ def _hidden_after_shared_prefix(model: nn.Module, batch: list[Sequence[int]], sh
         mask[row, shared:shared + len(rest)] = 1
     positions = (shared + torch.arange(width))[None].expand(len(batch), -1)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                cache=cache, use_cache=True, output_hidden_states=True)
+                **cache_kwarg(cache), use_cache=True, output_hidden_states=True)
     last = torch.tensor([len(rest) - 1 for rest in rests], device=device)
     rows = torch.arange(len(batch), device=device)
     return torch.stack([h[rows, last, :] for h in out.hidden_states[1:]]).to("cpu", torch.float64)

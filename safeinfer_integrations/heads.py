@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architecture import attention_out_proj, decoder_layers, model_shape
+from .compat import cache_kwarg
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids, attention mask, position ids
 
@@ -184,11 +185,11 @@ def indirect_effects(model: nn.Module, corrupted: Sequence[Sequence[int]], pad_i
             rows = ids.shape[0]
             prefix = DynamicCache(config=model.config)  # type: ignore[arg-type]
             model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                  cache=prefix, use_cache=True, logits_to_keep=1)
+                  **cache_kwarg(prefix), use_cache=True, logits_to_keep=1)
             state.clear()
             base = _target_probability(
                 model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                      cache=copy.deepcopy(prefix), use_cache=True).logits, target_ids).cpu()
+                      **cache_kwarg(copy.deepcopy(prefix)), use_cache=True).logits, target_ids).cpu()
             rep_ids = ids[:, -1:].repeat_interleave(n_heads, 0)
             rep_mask = mask.repeat_interleave(n_heads, 0)
             rep_pos = positions[:, -1:].repeat_interleave(n_heads, 0)
@@ -198,7 +199,7 @@ def indirect_effects(model: nn.Module, corrupted: Sequence[Sequence[int]], pad_i
                 cache.batch_repeat_interleave(n_heads)
                 values = means[layer].reshape(1, n_heads * head_dim).expand(rows * n_heads, -1).to(device)
                 state.update(layer=layer, where=where, values=values)
-                logits = model(input_ids=rep_ids, attention_mask=rep_mask, position_ids=rep_pos, cache=cache,
+                logits = model(input_ids=rep_ids, attention_mask=rep_mask, position_ids=rep_pos, **cache_kwarg(cache),
                                use_cache=True).logits
                 patched = _target_probability(logits, target_ids).cpu().view(rows, n_heads)
                 effects[layer] += (patched - base[:, None]).sum(0)

@@ -79,11 +79,15 @@ def _hf_generate(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: in
 
 
 def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 64,
-        repeats: int = 3, prompt_sets: tuple[str, ...] = PROMPT_SETS) -> dict[str, Any]:
+        repeats: int = 3, prompt_sets: tuple[str, ...] = PROMPT_SETS, device: str | None = None,
+        dtype: str | None = None) -> dict[str, Any]:
+    """Time every configuration (see the module docstring); ``device`` (a torch device such as ``"cuda"``)
+    and ``dtype`` (a torch dtype name) say where and how the models run (default: float32 on the CPU)."""
     texts = {name: prompt_set(name) for name in prompt_sets}  # bad names fail before any model loads
-    base, tokenizer = load_model_and_tokenizer(model)
-    unsafe, _ = load_model_and_tokenizer(model)  # a separate expert: same cost as a fine-tuned twin
-    engine = SafeInferEngine.from_pretrained(model) if model is None else None
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    base, tokenizer = load_model_and_tokenizer(model, dtype=torch_dtype, device_map=device)
+    unsafe, _ = load_model_and_tokenizer(model, dtype=torch_dtype, device_map=device)  # a fine-tuned twin's cost
+    engine = SafeInferEngine.from_pretrained(model, dtype=torch_dtype, device_map=device) if model is None else None
     vector = engine.vector if engine is not None and engine.vector is not None else None
     vector_note = "shipped"
     if vector is None:
@@ -94,6 +98,7 @@ def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new
     engine = SafeInferEngine(base, tokenizer, vector=vector, unsafe_model=unsafe, model_name=str(model or "default"))
     results: dict[str, Any] = {"model": engine.model_name, "vector": vector_note, "max_new_tokens": max_new_tokens,
                                "threads": torch.get_num_threads(), "gate_cutoff": engine.config.gate_cutoff,
+                               "device": str(engine.device), "dtype": str(base.dtype).removeprefix("torch."),
                                "sets": {}}
     for set_name, set_texts in texts.items():
         chats = [[{"role": "user", "content": text}] for text in set_texts]
@@ -114,9 +119,11 @@ def _time_batch(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int
     times: dict[str, list[float]] = {name: [] for name in names}
     tokens: dict[str, int] = {}
     progress = tqdm(total=repeats * len(names), desc=label, unit="run")
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     for round_index in range(repeats):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
         for name in order:
+            sync()
             start = time.perf_counter()
             if name == "generate()":
                 count = _hf_generate(engine, prompts, max_new_tokens)
@@ -125,6 +132,7 @@ def _time_batch(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int
                 count = sum(g.usage.completion_tokens
                             for g in engine.generate(prompts, max_new_tokens=max_new_tokens,
                                                      min_new_tokens=max_new_tokens, **settings))
+            sync()
             elapsed = time.perf_counter() - start
             times[name].append(elapsed / count)
             tokens[name] = count
@@ -141,7 +149,8 @@ def _time_batch(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"model {results['model']}, vector {results['vector']}, max_new_tokens {results['max_new_tokens']}, "
-             f"torch threads {results['threads']}, gate_cutoff {results['gate_cutoff']}"]
+             f"torch threads {results['threads']}, gate_cutoff {results['gate_cutoff']}, "
+             f"device {results.get('device', 'cpu')}, dtype {results.get('dtype', 'float32')}"]
     for set_name, entry in results["sets"].items():
         weights = [w for w in entry["gate_weights"] if w is not None]
         if weights:
@@ -160,7 +169,8 @@ def format_table(results: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     batch_sizes = tuple(int(b) for b in str(args.batch_sizes).split(","))
     prompt_sets = tuple(name for name in str(args.prompts).split(",") if name)
-    results = run(args.model, batch_sizes, args.max_new_tokens, args.repeats, prompt_sets)
+    results = run(args.model, batch_sizes, args.max_new_tokens, args.repeats, prompt_sets,
+                  device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -143,6 +143,10 @@ def _add_bench(sub: Any) -> None:
     parser.add_argument("--prompts", default="benign,harmful",
                         help="prompt sets to time, comma-separated: benign, harmful")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--device", default=None,
+                        help="where the models run, a torch device such as cuda (default: the CPU)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="model dtype (default: float32 on the CPU, the checkpoint's own on a GPU)")
 
     def run(args: argparse.Namespace) -> int:
         from .bench import main as bench_main

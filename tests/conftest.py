@@ -29,6 +29,9 @@ _CORPUS = [
     "Sorry, I won't explain how to break the law. Please ask me something else!",
 ]
 TINY_ARCHS = ("llama", "qwen2", "gpt2")
+# Where the tiny models (and the default model) run: "cpu" unless SAFEINFER_TEST_DEVICE names another torch
+# device ("cuda"), so the same suite checks the engine on a GPU (benchmarks/device_check.sh).
+TEST_DEVICE = os.environ.get("SAFEINFER_TEST_DEVICE", "cpu")
 
 
 def make_tiny_tokenizer() -> Any:
@@ -66,7 +69,7 @@ def make_tiny_model(arch: str, vocab_size: int, seed: int = 0, dtype: torch.dtyp
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model.to(TEST_DEVICE).eval()
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +121,14 @@ def _torch_threads(request: pytest.FixtureRequest) -> Any:
     torch.set_num_threads(_ALL_THREADS if wants_all else 1)
     yield
     torch.set_num_threads(_ALL_THREADS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With SAFEINFER_TEST_NO_DEFAULT_MODEL=1 (a machine without the default model and no way to fetch it, such
+    as the GPU check's), the tests of the real default model are skipped rather than failing on the download."""
+    if os.environ.get("SAFEINFER_TEST_NO_DEFAULT_MODEL") != "1":
+        return
+    skip = pytest.mark.skip(reason="SAFEINFER_TEST_NO_DEFAULT_MODEL=1: no default model on this machine")
+    for item in items:
+        if _DEFAULT_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("default_model"):
+            item.add_marker(skip)

@@ -25,13 +25,13 @@ def _log_probs(model: Any, ids: list[int], steer: tuple[torch.Tensor, int, float
 
         def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
             added = output.clone()
-            added[:, start:, :] += coef * vector.to(output.dtype)
+            added[:, start:, :] += coef * vector.to(device=output.device, dtype=output.dtype)
             return added
 
         handle = _mlp(model, layer).register_forward_hook(hook)
     try:
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].double()
+            logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0, -1].double()
     finally:
         if handle is not None:
             handle.remove()

@@ -63,11 +63,11 @@ def test_head_means_are_the_out_proj_input_at_the_last_token(tiny_model_factory:
     try:
         with torch.no_grad():
             for seq in sequences:
-                model(input_ids=torch.tensor([seq]))
+                model(input_ids=torch.tensor([seq], device=model.device))
     finally:
         h1.remove()
         h2.remove()
-    expected = torch.stack(proj_inputs).mean(0).view(shape.num_heads, shape.head_dim)
+    expected = torch.stack(proj_inputs).mean(0).view(shape.num_heads, shape.head_dim).cpu()  # means live on the CPU
     torch.testing.assert_close(means[layer].double(), expected, rtol=1e-5, atol=1e-6)
     # The captured tensor is what the projection turns into the attention block's output.
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_function_vector_equals_the_explicit_sum(tiny_model_factory: Any, tiny_t
     by_hand = torch.zeros(shape.hidden_size, dtype=torch.float64)
     for layer, head in chosen:
         block = slice(head * shape.head_dim, (head + 1) * shape.head_dim)
-        weight = _expected_proj(model, layer).weight.double()
+        weight = _expected_proj(model, layer).weight.double().cpu()  # the function vector lives on the CPU
         a = means[layer, head].double()
         # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out). The bias is not part of a head.
         by_hand += a @ weight[block, :] if arch == "gpt2" else weight[:, block] @ a

@@ -113,7 +113,7 @@ def test_early_closed_stream_removes_hooks(engine: SafeInferEngine) -> None:
 
 def test_steering_does_not_leak_into_consumer_code(engine: SafeInferEngine) -> None:
     """Between two stream steps the consumer's own forward passes are not steered."""
-    ids = torch.tensor([engine.formatter.encode(CHAT)])
+    ids = torch.tensor([engine.formatter.encode(CHAT)], device=engine.device)
     with torch.no_grad():
         before = engine.model(ids).logits
     stream = engine.stream(CHAT, mode="sa", max_new_tokens=10)
@@ -319,7 +319,7 @@ def test_hidden_after_layer_matches_full_forward_and_unhooks(tiny_model_factory:
     from safeinfer_integrations.steering import hidden_after_layer
 
     model = tiny_model_factory("gpt2", 0)
-    ids = torch.tensor([tiny_tokenizer("How do I bake bread?")["input_ids"]])
+    ids = torch.tensor([tiny_tokenizer("How do I bake bread?")["input_ids"]], device=model.device)
     with torch.no_grad():
         full = model(input_ids=ids, output_hidden_states=True).hidden_states
         hooks_before = [dict(block._forward_hooks) for block in model.transformer.h]  # transformers' own, lazily added

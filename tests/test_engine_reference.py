@@ -50,7 +50,8 @@ def _unsafe_twin(model: Any, arch: str) -> Any:
         generator = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for parameter in twin.parameters():
-                parameter.add_(0.03 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+                noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                parameter.add_(0.03 * noise.to(parameter.device))
         _UNSAFE[arch] = twin
     return _UNSAFE[arch]
 
@@ -177,7 +178,7 @@ def _reference_gate(engine: SafeInferEngine, prompt: Any) -> float:
     unsteered prompt, run alone with no cache."""
     vector = engine.vector
     assert vector is not None and vector.gate is not None
-    ids = torch.tensor([engine.formatter.encode(prompt)])
+    ids = torch.tensor([engine.formatter.encode(prompt)], device=engine.device)
     with torch.no_grad():
         out = engine.model(input_ids=ids, output_hidden_states=True, use_cache=False)
     return float(vector.gate.weight(out.hidden_states[vector.gate.layer + 1][:, -1, :]))

@@ -96,9 +96,9 @@ def test_gate_reads_the_hidden_state_the_engine_reads(tiny_model_factory: Any, t
     assert hidden.shape[1] == 3
     for row, seq in enumerate(sequences):
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([seq]), output_hidden_states=True)
+            out = model(input_ids=torch.tensor([seq], device=model.device), output_hidden_states=True)
         for layer in range(2):
-            torch.testing.assert_close(hidden[layer, row], out.hidden_states[layer + 1][0, -1].double())
+            torch.testing.assert_close(hidden[layer, row], out.hidden_states[layer + 1][0, -1].double().cpu())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -119,9 +119,9 @@ def test_prompts_sharing_a_prefix_run_it_once_and_get_their_own_hidden_states(
     hidden = last_token_hidden(model, sequences, pad_id=0, batch_size=4)
     for row, seq in enumerate(sequences):
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([seq]), output_hidden_states=True)
+            out = model(input_ids=torch.tensor([seq], device=model.device), output_hidden_states=True)
         for layer in range(2):
-            torch.testing.assert_close(hidden[layer, row], out.hidden_states[layer + 1][0, -1].double(),
+            torch.testing.assert_close(hidden[layer, row], out.hidden_states[layer + 1][0, -1].double().cpu(),
                                        rtol=1e-4, atol=1e-4)
 
 

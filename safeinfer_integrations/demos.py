@@ -17,9 +17,6 @@ does not depend on file order, on a seed, or on which Python runs it:
   what is asked rather than how it is worded.
 - ``benign_requests.jsonl`` per kind (50 ordinary, 50 sensitive-sounding imperative requests, a few with their
   own context): 33 ``gate``, 17 ``calibration``. So the gate does not read "an imperative" as "harmful".
-- ``benign_safety.jsonl`` (60 sensitive-sounding questions: first aid and emergencies, medicines, safe disposal,
-  personal safety, game and tech slang): 40 ``gate``, 20 ``calibration``. So questions *about* danger, asked to
-  stay safe, are not weighed like requests to cause it.
 - ``gate_framings.json``: the ways a gate-fit question is put to the model (a bare chat turn, under a system
   prompt, inside a retrieval-style prompt with a document, under an agent's tool instructions), each applied
   to harmful and benign questions alike so the framing carries no signal (`frame`, `framed_questions`). A
@@ -59,11 +56,8 @@ _BENIGN_EVERYDAY_COUNTS = (20, 10)  # per kind of 30
 BenignRequestSplit = Literal["gate", "calibration"]
 BENIGN_REQUEST_SPLITS: tuple[str, ...] = ("gate", "calibration")
 _BENIGN_REQUEST_COUNTS = (33, 17)  # per kind of 50
-BenignSafetySplit = Literal["gate", "calibration"]
-BENIGN_SAFETY_SPLITS: tuple[str, ...] = ("gate", "calibration")
-_BENIGN_SAFETY_COUNTS = (40, 20)  # per kind of 60 (all sensitive-sounding)
 _FILES = ("harmful_demos.jsonl", "benign_prompts.jsonl", "harmful_everyday.jsonl", "benign_everyday.jsonl",
-          "benign_requests.jsonl", "benign_safety.jsonl", "gate_framings.json")
+          "benign_requests.jsonl", "gate_framings.json")
 
 
 @dataclass(frozen=True)
@@ -173,12 +167,6 @@ def _benign_everyday_splits() -> dict[str, tuple[BenignPrompt, ...]]:
     return _per_group(rows, "kind", "benign_everyday.jsonl", BENIGN_EVERYDAY_SPLITS, _BENIGN_EVERYDAY_COUNTS)
 
 
-@lru_cache(maxsize=1)
-def _benign_safety_splits() -> dict[str, tuple[BenignPrompt, ...]]:
-    rows = [BenignPrompt(r["question"], r["kind"], r["category"]) for r in _read("benign_safety.jsonl")]
-    return _per_group(rows, "kind", "benign_safety.jsonl", BENIGN_SAFETY_SPLITS, _BENIGN_SAFETY_COUNTS)
-
-
 def harmful_demos(split: HarmfulSplit | None = None) -> tuple[HarmfulDemo, ...]:
     """Harmful question -> refusal pairs of one split (None: all 264, file order not kept)."""
     return _pick(_harmful_splits(), split, "harmful")
@@ -204,12 +192,6 @@ def benign_requests(split: BenignRequestSplit | None = None) -> tuple[BenignProm
     return _pick(_benign_request_splits(), split, "benign request")
 
 
-def benign_safety(split: BenignSafetySplit | None = None) -> tuple[BenignPrompt, ...]:
-    """Sensitive-sounding benign questions about first aid, medicines, safe disposal, personal safety, and game
-    and tech slang: one split or all (in split order)."""
-    return _pick(_benign_safety_splits(), split, "safety benign")
-
-
 def gate_harmful_questions() -> list[str]:
     """The harmful side of a harm gate's fit: the ``build`` demonstrations' questions, then the ``build``
     everyday-phrased requests."""
@@ -218,9 +200,8 @@ def gate_harmful_questions() -> list[str]:
 
 def gate_benign_questions() -> list[str]:
     """The benign side of a harm gate's fit: the ``gate`` split of the benign prompts, of the everyday benign
-    questions, of the benign requests, then of the safety questions."""
-    return [p.question for p in benign_prompts("gate") + benign_everyday("gate") + benign_requests("gate")
-            + benign_safety("gate")]
+    questions, then of the benign requests."""
+    return [p.question for p in benign_prompts("gate") + benign_everyday("gate") + benign_requests("gate")]
 
 
 def held_in_harmful_questions() -> list[str]:
@@ -231,9 +212,9 @@ def held_in_harmful_questions() -> list[str]:
 
 def held_in_benign_questions() -> list[str]:
     """The held-in benign questions: the ``calibration`` split of the benign prompts, of the everyday benign
-    questions, of the benign requests, then of the safety questions."""
+    questions, then of the benign requests."""
     return [p.question for p in benign_prompts("calibration") + benign_everyday("calibration")
-            + benign_requests("calibration") + benign_safety("calibration")]
+            + benign_requests("calibration")]
 
 
 @dataclass(frozen=True)

@@ -278,12 +278,9 @@ def test_everyday_benign_questions_and_requests_split_per_kind() -> None:
     for kind in ("ordinary", "sensitive_sounding"):
         assert [sum(p.kind == kind for p in split) for split in (gate, held)] == [20, 10]
         assert [sum(p.kind == kind for p in split) for split in (req_gate, req_held)] == [33, 17]
-    safe_gate, safe_held = demos.benign_safety("gate"), demos.benign_safety("calibration")
-    assert (len(safe_gate), len(safe_held)) == (40, 20) and {p.kind for p in safe_gate + safe_held} == {
-        "sensitive_sounding"}
     assert demos.gate_benign_questions() == ([p.question for p in demos.benign_prompts("gate")]
-                                             + [p.question for p in gate + req_gate + safe_gate])
-    assert demos.held_in_benign_questions()[-74:] == [p.question for p in held + req_held + safe_held]
+                                             + [p.question for p in gate] + [p.question for p in req_gate])
+    assert demos.held_in_benign_questions()[-54:] == [p.question for p in held + req_held]
     assert not set(demos.gate_benign_questions()) & set(demos.held_in_benign_questions())
     with pytest.raises(ValueError, match="everyday benign split must be one of gate, calibration; got 'x'"):
         demos.benign_everyday("x")  # type: ignore[arg-type]

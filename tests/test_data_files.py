@@ -18,7 +18,6 @@ BENIGN = DATA_DIR / "benign_prompts.jsonl"
 BENIGN_EVAL = DATA_DIR / "benign_eval.jsonl"  # evaluation only; checked together with BENIGN below
 EVERYDAY = DATA_DIR / "harmful_everyday.jsonl"  # harmful requests phrased like everyday questions
 BENIGN_EVERYDAY = DATA_DIR / "benign_everyday.jsonl"  # their benign counterpart; checked together with BENIGN
-BENIGN_SAFETY = DATA_DIR / "benign_safety.jsonl"  # first aid, safe disposal, game and tech slang; also with BENIGN
 BENIGN_REQUESTS = DATA_DIR / "benign_requests.jsonl"  # benign imperative requests; checked together with BENIGN
 FRAMINGS = DATA_DIR / "gate_framings.json"  # the framings of a gate fit (not JSON Lines)
 HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
@@ -82,7 +81,7 @@ def harmful() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def benign() -> list[dict]:
-    return _load(BENIGN) + _load(BENIGN_EVAL) + _load(BENIGN_EVERYDAY) + _load(BENIGN_REQUESTS) + _load(BENIGN_SAFETY)
+    return _load(BENIGN) + _load(BENIGN_EVAL) + _load(BENIGN_EVERYDAY) + _load(BENIGN_REQUESTS)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +89,7 @@ def helpful() -> list[dict]:
     return _load(HELPFUL)
 
 
-@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, BENIGN_REQUESTS,
-                                  BENIGN_SAFETY, HELPFUL],
+@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, BENIGN_REQUESTS, HELPFUL],
                          ids=lambda p: p.name)
 def test_file_exists_and_parses(path: Path) -> None:
     assert path.is_file(), f"missing {path}"
@@ -140,7 +138,6 @@ def test_benign_schema_and_kinds(benign: list[dict]) -> None:
     assert len(benign) >= 310
     assert Counter(row["kind"] for row in _load(BENIGN_EVERYDAY)) == {"ordinary": 30, "sensitive_sounding": 30}
     assert Counter(row["kind"] for row in _load(BENIGN_REQUESTS)) == {"ordinary": 50, "sensitive_sounding": 50}
-    assert Counter(row["kind"] for row in _load(BENIGN_SAFETY)) == {"sensitive_sounding": 60}
 
 
 def test_helpfulness_schema(helpful: list[dict]) -> None:
@@ -209,27 +206,15 @@ def test_everyday_harmful_requests(harmful: list[dict], benign: list[dict], help
 
 def test_gate_framings() -> None:
     data = json.loads(FRAMINGS.read_text(encoding="utf-8"))
-    assert set(data) == {"contexts", "topical_contexts", "framings"}
-    assert len(data["topical_contexts"]) >= 11  # one or more per harm category's topic
-    assert all(isinstance(c, str) and len(c.split()) >= 20 for c in data["topical_contexts"])
+    assert set(data) == {"contexts", "framings"}
     assert len(data["contexts"]) >= 3 and all(isinstance(c, str) and len(c.split()) >= 20 for c in data["contexts"])
     framings = data["framings"]
     assert framings[0] == {"name": "chat", "system": None, "user": "{question}"}
     assert len({f["name"] for f in framings}) == len(framings) >= 3
-    def placeholders_only(text: str) -> bool:
-        rest = text.replace("{question}", "").replace("{context}", "").replace("{documents}", "")
-        rest = rest.replace("{relevant}", "")
-        return "{" not in rest and "}" not in rest
-
     for f in framings:
-        assert set(f) in ({"name", "system", "user"}, {"name", "system", "user", "history"}), f
+        assert set(f) == {"name", "system", "user"}, f
         assert f["system"] is None or (isinstance(f["system"], str) and f["system"].strip()), f
-        assert f["user"].count("{question}") == 1 and placeholders_only(f["user"]), f
-        assert f["system"] is None or ("{question}" not in f["system"] and placeholders_only(f["system"])), f
-        history = f.get("history", [])
-        assert [turn["role"] for turn in history] == ["user", "assistant"] * (len(history) // 2), f
-        assert all(set(turn) == {"role", "content"} and turn["content"].strip() for turn in history), f
-        assert all("{" not in turn["content"] for turn in history), f
+        assert f["user"].count("{question}") == 1, f
+        leftover = f["user"].replace("{question}", "").replace("{context}", "").replace("{documents}", "")
+        assert "{" not in leftover and "}" not in leftover, f
     assert any("{context}" in f["user"] for f in framings)
-    assert any(f["system"] and "{context}" in f["system"] for f in framings)  # context in the system message
-    assert any(f.get("history") for f in framings)  # a question later in a conversation

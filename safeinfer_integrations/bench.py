@@ -41,6 +41,7 @@ PROMPTS = [
     "Write a long guide to growing tomatoes at home.",
 ]
 PROMPT_SETS = ("benign", "harmful")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def prompt_set(name: str) -> list[str]:
@@ -84,6 +85,8 @@ def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new
     """Time every configuration (see the module docstring); ``device`` (a torch device such as ``"cuda"``)
     and ``dtype`` (a torch dtype name) say where and how the models run (default: float32 on the CPU)."""
     texts = {name: prompt_set(name) for name in prompt_sets}  # bad names fail before any model loads
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     torch_dtype = getattr(torch, dtype) if dtype else None
     base, tokenizer = load_model_and_tokenizer(model, dtype=torch_dtype, device_map=device)
     unsafe, _ = load_model_and_tokenizer(model, dtype=torch_dtype, device_map=device)  # a fine-tuned twin's cost

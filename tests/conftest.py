@@ -29,8 +29,8 @@ _CORPUS = [
     "Sorry, I won't explain how to break the law. Please ask me something else!",
 ]
 TINY_ARCHS = ("llama", "qwen2", "gpt2")
-# Where the tiny models (and the default model) run: "cpu" unless SAFEINFER_TEST_DEVICE names another torch
-# device ("cuda"), so the same suite checks the engine on a GPU (benchmarks/device_check.sh).
+# Where the tiny models run: "cpu" unless SAFEINFER_TEST_DEVICE names another torch device ("cuda"), so the
+# same tests check the engine on a GPU (benchmarks/device_check.sh). The default model stays on the CPU.
 TEST_DEVICE = os.environ.get("SAFEINFER_TEST_DEVICE", "cpu")
 
 

@@ -17,6 +17,8 @@ def test_prompt_sets() -> None:
         bench.prompt_set("evil")
     with pytest.raises(ValueError, match="got 'evil'"):
         bench.run(prompt_sets=("benign", "evil"))  # fails before loading a model
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16; got 'float8'"):
+        bench.run(dtype="float8")  # fails before loading a model
 
 
 def test_table_reports_gate_weights_and_every_cell() -> None:
@@ -29,3 +31,6 @@ def test_table_reports_gate_weights_and_every_cell() -> None:
     assert "harmful prompts: gate weights 0.05-0.95, 1 of 2 below the cutoff" in table
     assert "| benign | sa | 1 | 10.0 | 1.25x |" in table and "| harmful | sa | 8 | 10.0 | 1.25x |" in table
     assert table.count("| benign |") == 2
+    assert table.splitlines()[0].endswith("gate_cutoff 0.1, device cpu, dtype float32")  # results before --device
+    on_gpu = bench.format_table({**results, "device": "cuda:0", "dtype": "bfloat16"})
+    assert on_gpu.splitlines()[0].endswith("gate_cutoff 0.1, device cuda:0, dtype bfloat16")

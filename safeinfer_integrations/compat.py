@@ -9,6 +9,7 @@ token. Every forward call with a cache therefore names it through `cache_kwarg`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import transformers
@@ -17,14 +18,14 @@ RENAMED_IN = (5, 24)
 
 
 def _release(version: str) -> tuple[int, ...]:
-    """The leading numeric parts of a version string: "5.24.0.dev0" -> (5, 24, 0)."""
+    """The leading numeric parts of a version string: "5.24.0.dev0" -> (5, 24, 0), "6.0.0rc1" -> (6, 0, 0)."""
     parts: list[int] = []
     for piece in version.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
             break
-        parts.append(int(digits))
-        if not piece.isdigit():
+        parts.append(int(digits.group()))
+        if digits.end() < len(piece):  # "0rc1": a pre-release suffix ends the release part
             break
     return tuple(parts)
 

@@ -18,6 +18,12 @@ def test_cache_keyword_by_version(version: str, expected: str) -> None:
     assert compat.cache_keyword(version) == expected
 
 
+def test_release_parts() -> None:
+    assert compat._release("5.24.0.dev0") == (5, 24, 0)
+    assert compat._release("6.0.0rc1") == (6, 0, 0)
+    assert compat._release("5.17.0+local") == (5, 17, 0)
+
+
 def test_the_installed_models_take_the_chosen_keyword() -> None:
     """The name the package passes is a named parameter of the installed models' forward (a name they did
     not know would vanish into **kwargs and every step would run without its cache)."""

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup bench lint clean
+.PHONY: demo test test-oldest setup bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[langchain,llamaindex,eval,dev]"
 	touch $(STAMP)
+
+# The oldest transformers the package supports (pyproject.toml), installed beside the venv's own: the engine
+# tests run on it too, since transformers renamed the KV-cache argument in 5.24 (safeinfer_integrations/compat.py).
+OLDEST := $(VENV)/oldest-transformers
+$(OLDEST)/.installed: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(OLDEST) "transformers==5.17.0" "huggingface-hub==1.33.0"
+	touch $@
 
 setup: $(STAMP)
 
@@ -23,6 +30,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m safeinfer_integrations.cli download
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-oldest
+
+test-oldest: $(OLDEST)/.installed
+	PYTHONPATH=$(OLDEST) $(PY) -c "import transformers as t; assert t.__version__ == '5.17.0', t.__version__"
+	PYTHONPATH=$(OLDEST) SAFEINFER_TEST_NO_DEFAULT_MODEL=1 $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_compat.py tests/test_engine_reference.py tests/test_engine_behaviour.py tests/test_gate_fit.py \
+		tests/test_building.py
 
 bench: $(STAMP)
 	$(PY) -m safeinfer_integrations.cli bench

@@ -49,7 +49,7 @@ import torch
 from . import demos as data
 from .architecture import context_window
 from .compat import cache_kwarg
-from .heads import left_pad, pad_id_of
+from .heads import left_pad, pad_id_of, right_pad
 from .refusal import is_refusal
 from .steering import attach
 from .vector import SafetyVector
@@ -196,6 +196,12 @@ def _rates(refused: Sequence[bool], prompts: HeldInPrompts) -> dict[str, float |
     }
 
 
+def _answer_records(prompts: HeldInPrompts, texts: Sequence[str], refused: Sequence[bool]) -> list[dict[str, Any]]:
+    """One record per prompt: its question, framing, class, answer and whether the answer refused."""
+    return [{"question": q, "framing": f, "harmful": i < prompts.n_harmful, "text": t, "refused": r}
+            for i, (q, f, t, r) in enumerate(zip(prompts.questions, prompts.framings, texts, refused))]
+
+
 def evaluate_setting(engine: Any, prompts: HeldInPrompts, *, max_new_tokens: int = 32, batch_size: int = 16,
                      **settings: Any) -> tuple[SweepRow, list[dict[str, Any]]]:
     """Score one setting (engine per-call ``settings``) on the held-in prompts; also return the answers."""
@@ -223,9 +229,7 @@ def evaluate_setting(engine: Any, prompts: HeldInPrompts, *, max_new_tokens: int
         n_harmful=n_h, n_benign=len(refused) - n_h, seconds=time.perf_counter() - started,
         **_rates(refused, prompts),  # type: ignore[arg-type]
     )
-    answers = [{"question": q, "framing": f, "harmful": i < n_h, "text": g.text, "refused": r}
-               for i, (q, f, g, r) in enumerate(zip(prompts.questions, prompts.framings, generations, refused))]
-    return row, answers
+    return row, _answer_records(prompts, [g.text for g in generations], refused)
 
 
 class _Part:
@@ -273,21 +277,14 @@ class _Part:
     def nll(self, answers: Sequence[Sequence[int]]) -> float:
         """Summed negative log-likelihood of the answers under the unsteered model: the last prompt token and
         the answers (but their last tokens) run on a copy of the prompt cache."""
-        lengths = [len(a) for a in answers]
-        width = max(lengths, default=0)
-        if width == 0:
+        if not any(answers):
             return 0.0
         device = self.ids.device
-        feed = torch.full((len(answers), width), self.pad_id, dtype=torch.long)
-        feed_mask = torch.zeros_like(feed)
-        feed[:, 0], feed_mask[:, 0] = self.ids[:, -1].cpu(), 1
-        for row, answer in enumerate(answers):
-            if len(answer) > 1:
-                feed[row, 1:len(answer)] = torch.tensor(list(answer[:-1]))
-                feed_mask[row, 1:len(answer)] = 1
-        mask = torch.cat([self.mask[:, :-1], feed_mask.to(device)], dim=-1)
-        positions = self.positions[:, -1:] + torch.arange(width, device=device)[None, :]
-        logits = self.model(input_ids=feed.to(device), attention_mask=mask, position_ids=positions,
+        last = self.ids[:, -1].tolist()
+        feed, feed_mask = right_pad([[t, *a[:-1]] for t, a in zip(last, answers)], self.pad_id, device)
+        mask = torch.cat([self.mask[:, :-1], feed_mask], dim=-1)
+        positions = self.positions[:, -1:] + torch.arange(feed.shape[1], device=device)[None, :]
+        logits = self.model(input_ids=feed, attention_mask=mask, position_ids=positions,
                             **cache_kwarg(copy.deepcopy(self.prefix)), use_cache=True).logits
         nll = 0.0
         for row, answer in enumerate(answers):  # row by row: all rows in float64 at once take gigabytes
@@ -306,8 +303,7 @@ class HeldIn:
     def __init__(self, engine: Any, chats: Sequence[Chat], *, group_tokens: int = 8192) -> None:
         self.model = engine.model
         self.tokenizer = engine.tokenizer
-        self.chats = list(chats)
-        self.prompts = [engine.formatter.encode(chat) for chat in self.chats]
+        self.prompts = [engine.formatter.encode(chat) for chat in chats]
         self.eos = set(engine.eos_ids)
         pad_id = pad_id_of(engine.tokenizer)
         order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
@@ -373,9 +369,7 @@ class HeldIn:
             gate_sharpness=label.get("gate_sharpness"),
             **_rates(refused, prompts),  # type: ignore[arg-type]
         )
-        answers = [{"question": q, "framing": f, "harmful": i < n_h, "text": t, "refused": r}
-                   for i, (q, f, t, r) in enumerate(zip(prompts.questions, prompts.framings, texts, refused))]
-        return row, answers
+        return row, _answer_records(prompts, texts, refused)
 
 
 def choose(rows: Sequence[SweepRow], baseline: SweepRow) -> SweepRow:

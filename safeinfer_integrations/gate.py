@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .architecture import context_window, decoder_layers
 from .compat import cache_kwarg
 from .demos import Framing, framed_questions
-from .heads import left_pad, pad_id_of
+from .heads import left_pad, pad_id_of, right_pad
 from .prompts import PromptFormatter
 from .vector import HarmGate, SafetyVector
 
@@ -134,16 +134,11 @@ def _hidden_after_shared_prefix(model: nn.Module, batch: list[Sequence[int]], sh
           device=device)[None], **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(len(batch))
     rests = [list(seq[shared:]) for seq in batch]
-    width = max(map(len, rests))
-    ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
-    mask[:, :shared] = 1
-    for row, rest in enumerate(rests):
-        ids[row, :len(rest)] = torch.tensor(rest, dtype=torch.long)
-        mask[row, shared:shared + len(rest)] = 1
-    positions = (shared + torch.arange(width))[None].expand(len(batch), -1)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                **cache_kwarg(cache), use_cache=True, output_hidden_states=True)
+    ids, rest_mask = right_pad(rests, pad_id, device)
+    mask = torch.cat([torch.ones((len(batch), shared), dtype=torch.long, device=device), rest_mask], dim=-1)
+    positions = (shared + torch.arange(ids.shape[1], device=device))[None].expand(len(batch), -1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwarg(cache), use_cache=True,
+                output_hidden_states=True)
     last = torch.tensor([len(rest) - 1 for rest in rests], device=device)
     rows = torch.arange(len(batch), device=device)
     return torch.stack([h[rows, last, :] for h in out.hidden_states[1:]]).to("cpu", torch.float64)

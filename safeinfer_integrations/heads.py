@@ -42,6 +42,20 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists (continuations of a cached prefix); return ids and their attention mask."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every sequence must have at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def pad_id_of(tokenizer: Any) -> int:
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if value is not None:

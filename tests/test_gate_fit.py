@@ -175,3 +175,12 @@ def test_framings_longer_than_the_context_window_are_left_out(tiny_model_factory
     assert fit.n_harmful == 4 * len(fitting)
     with pytest.raises(ValueError, match="no gate framing fits the model's context window of 256 tokens"):
         fit_gate(model, tiny_tokenizer, harmful, benign, framings=[f for f in framings if f.name == "rag_long"])
+
+
+def test_right_pad_puts_tokens_first_and_rejects_empty_rows() -> None:
+    from safeinfer_integrations.heads import right_pad
+
+    ids, mask = right_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="every sequence must have at least one token"):
+        right_pad([[1], []], pad_id=0)

@@ -9,9 +9,9 @@ is rendered three ways: a bare chat turn; the LlamaIndex example's compact templ
 "Answer the question using only this context." and the context in the system message, the question as the user
 message); and LlamaIndex's own ``CHAT_TEXT_QA_PROMPT`` (rules in the system message, context and query in the
 user message). The context is the examples/data document sharing the most content words with the question, as
-a retriever would pick it (its first 1,200 characters). For every vector and template the script prints the
-share of questions weighed at or above the cutoff (below it SafeInfer is skipped), the mean weight and the share
-above 0.5, and writes them as JSON and a PNG plot.
+a retriever would pick it (`demos.most_relevant`; its first 1,200 characters). For every vector and template
+the script prints the share of questions weighed at or above the cutoff (below it SafeInfer is skipped), the
+mean weight and the share above 0.5, and writes them as JSON and a PNG plot.
 
 Only gate weights are computed (one forward pass per prompt up to the last layer), not answers; the
 evaluation data are read, never fitted on. Needs the ``llamaindex`` extra.
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from safeinfer_integrations.demos import most_relevant
 from safeinfer_integrations.evaluation.loaders import default_benign, load_many
 from safeinfer_integrations.gate import last_token_hidden
 from safeinfer_integrations.loading import load_model_and_tokenizer
@@ -39,17 +39,13 @@ COMPACT_SYSTEM = "Answer the question using only this context.\n\nContext:\n"  #
 Chat = list[dict[str, str]]
 
 
-def _words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3}
-
-
 def retriever(docs_dir: Path = DOCS, chars: int = 1200) -> Callable[[str], str]:
-    """The document (first ``chars`` characters) sharing the most content words with a question."""
-    docs = {p.stem: p.read_text(encoding="utf-8")[:chars] for p in sorted(docs_dir.glob("*.md"))}
+    """The document (first ``chars`` characters) sharing the most content words with a question
+    (`demos.most_relevant`, the rule of the gate fit's ``{relevant}`` documents)."""
+    docs = [p.read_text(encoding="utf-8")[:chars] for p in sorted(docs_dir.glob("*.md"))]
     if not docs:
         raise ValueError(f"no .md documents in {docs_dir}")
-    words = {name: _words(text) for name, text in docs.items()}
-    return lambda question: docs[max(words, key=lambda name: (len(_words(question) & words[name]), name))]
+    return lambda question: most_relevant(question, docs)
 
 
 def templates(relevant: Callable[[str], str]) -> dict[str, Callable[[str], Chat]]:

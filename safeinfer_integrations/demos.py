@@ -263,9 +263,14 @@ def relevant_context(question: str) -> str:
     file = _framings_file()
     pool = list(file["contexts"]) + list(file.get("topical_contexts", ()))
     start = int(_order_key(question), 16) % len(pool)
+    return most_relevant(question, pool[start:] + pool[:start])
+
+
+def most_relevant(question: str, documents: Sequence[str]) -> str:
+    """The document sharing the most content words with ``question`` (ties: the first), as a simple retriever
+    would return it."""
     words = _content_words(question)
-    rotated = pool[start:] + pool[:start]
-    return max(rotated, key=lambda doc: len(words & _content_words(doc)))  # max keeps the first of ties
+    return max(documents, key=lambda doc: len(words & _content_words(doc)))  # max keeps the first of ties
 
 
 def frame(question: str, framing: Framing) -> list[dict[str, str]]:

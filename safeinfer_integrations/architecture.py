@@ -88,6 +88,16 @@ class ModelShape:
         text = json.dumps(self.__dict__, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def as_metadata(self) -> dict[str, Any]:
+        """The fields and their hash, as a vector's metadata records them (``config_hash``, ``architecture``),
+        so that a mismatch can be named field by field."""
+        return {"config_hash": self.config_hash(), "architecture": dict(self.__dict__)}
+
+    def differences(self, recorded: dict[str, Any]) -> list[str]:
+        """``field: recorded value != this model's`` for every recorded field that differs."""
+        return [f"{name} {recorded[name]!r} != model's {value!r}" for name, value in self.__dict__.items()
+                if name in recorded and recorded[name] != value]
+
 
 def model_shape(model: nn.Module) -> ModelShape:
     config: Any = model.config

@@ -161,7 +161,7 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
                             framings=data.gate_framings() if framings is None else framings, progress=progress)
     metadata: dict[str, Any] = {
         "model_name": model_name,
-        "config_hash": shape.config_hash(),
+        **shape.as_metadata(),
         "model_type": shape.model_type,
         "layer": layer,
         "scale": scale,
@@ -203,28 +203,51 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
 
 
 # ---------------------------------------------------------------------- CLI
+METHODS: tuple[str, ...] = ("function", "optimized")
+_FUNCTION_ONLY: dict[str, int] = {"heads": 10, "trials": 16, "shots": 10, "batch_size": 8}  # and their defaults
+
+
 def add_cli(sub: Any) -> None:
     """Register ``safeinfer build-vector`` (and ``safeinfer calibrate``)."""
-    parser = sub.add_parser("build-vector", help="build a safety function vector (and harm gate) for a model")
+    parser = sub.add_parser("build-vector", help="build a safety vector (and harm gate) for a model")
     parser.add_argument("--model", default=None, help="hub id or directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--method", default="function", choices=METHODS,
+                        help="function: the paper's function vector from attention heads (default); optimized: a "
+                             "vector trained by gradient descent, the recipe of the shipped default vector")
     parser.add_argument("--layer", type=int, default=None, help="steering layer (default: calibrated / depth/4)")
     parser.add_argument("--scale", type=float, default=None, help="steering scale (default: calibrated / 1.0)")
-    parser.add_argument("--heads", type=int, default=10, help="k, the number of top heads summed (default 10)")
-    parser.add_argument("--trials", type=int, default=16, help="ICL prompts averaged (default 16)")
-    parser.add_argument("--shots", type=int, default=10, help="demonstrations per ICL prompt (default 10)")
+    parser.add_argument("--heads", type=int, default=None, help="function: k, the number of top heads summed (10)")
+    parser.add_argument("--trials", type=int, default=None, help="function: ICL prompts averaged (16)")
+    parser.add_argument("--shots", type=int, default=None, help="function: demonstrations per ICL prompt (10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="function: prompts per forward pass (8)")
     add_gate_source_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
+        given = [f"--{name.replace('_', '-')}" for name in _FUNCTION_ONLY if getattr(args, name) is not None]
+        if args.method != "function" and given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} only to --method function; got --method {args.method}")
         gate: bool | HarmGate = not args.no_gate
         gate_metadata = None
         if args.gate_from:
             gate, gate_metadata = gate_from_file(args.gate_from)
-        result = build_vector(args.model, layer=args.layer, scale=args.scale, heads=args.heads,
-                              trials=args.trials, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
-                              gate=gate, gate_metadata=gate_metadata)
+        if args.method == "optimized":
+            from .optimize import build_optimized
+
+            started = time.perf_counter()
+            vector = build_optimized(args.model, layer=args.layer, scale=args.scale, seed=args.seed, gate=gate,
+                                     gate_metadata=gate_metadata)
+            path = vector.save(Path(args.out))
+            print(f"wrote {path} ({vector.vector_id}) in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+            print(json.dumps({"optimize": vector.metadata["optimize"], "gate": vector.metadata.get("gate")},
+                             indent=2))
+            return 0
+        counts = {name: getattr(args, name) if getattr(args, name) is not None else default
+                  for name, default in _FUNCTION_ONLY.items()}
+        result = build_vector(args.model, layer=args.layer, scale=args.scale, seed=args.seed, gate=gate,
+                              gate_metadata=gate_metadata, **counts)
         path = result.vector.save(Path(args.out))
         meta = result.vector.metadata
         print(f"wrote {path} ({result.vector.vector_id}) in {result.seconds:.0f}s", file=sys.stderr)

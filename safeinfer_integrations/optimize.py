@@ -19,10 +19,13 @@ split (the held-in ``calibration`` splits are never used). Adam, ``steps`` steps
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import sys
 import time
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from .gate import add_gate_source_arguments, fit_gate, gate_from_file
 from .vector import HarmGate, SafetyVector
 
 OPTIMIZER_VERSION = "1"
+CALIBRATION_FILE = "calibration.json"  # the shipped default vector's sweep, beside it in vectors/
 
 
 def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, ...]:
@@ -130,7 +134,7 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
     metadata = {
         "method": "optimized",
         "model_name": engine.model_name,
-        "config_hash": shape.config_hash(),
+        **shape.as_metadata(),
         "dataset_hash": demos.dataset_hash(),
         "builder_version": OPTIMIZER_VERSION,
         "optimize": {"steps": steps, "lr": lr, "harmful_batch": harmful_batch, "benign_batch": benign_batch,
@@ -139,6 +143,49 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
         "gate": gate_info,
     }
     return SafetyVector(vector=vector.detach(), layer=layer, scale=scale, metadata=metadata, gate=gate)
+
+
+def shipped_calibration() -> dict[str, Any] | None:
+    """The calibration table of the shipped default vector (``vectors/calibration.json``), if any."""
+    path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(CALIBRATION_FILE)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int | None = None,
+                    scale: float | None = None, seed: int = 0, gate: bool | HarmGate = True,
+                    gate_metadata: dict[str, Any] | None = None, progress: bool = True) -> SafetyVector:
+    """The shipped default vector's recipe (``safeinfer build-vector --method optimized``): `optimize_vector`
+    with its defaults, at the calibrated layer and scale, with the calibrated gate sharpness applied to a
+    fitted gate. For the default model (``model`` None or its name) these come from
+    ``vectors/calibration.json``, so the result is the shipped vector (the gate up to float rounding; exactly,
+    with the shipped file's gate given); for other models the layer defaults to a quarter of the depth and the
+    scale to 1.0. ``gate``: True fits one, False makes none, a `HarmGate` is used as given (described by
+    ``gate_metadata``)."""
+    from .calibration import PLAIN, sharpness_of, with_sharpness
+    from .engine import SafeInferEngine
+    from .loading import is_default_model
+
+    calibration = shipped_calibration() if is_default_model(model) else None
+    chosen = (calibration or {}).get("chosen", {})
+    engine = SafeInferEngine.from_pretrained(model)  # its own vector (the default model's) is not used
+    depth = model_shape(engine.model).num_layers
+    layer = int(chosen.get("layer", max(0, round(depth / 4)))) if layer is None else layer
+    scale = float(chosen.get("scale", 1.0)) if scale is None else scale
+    given = gate if isinstance(gate, HarmGate) else None
+    vector = optimize_vector(engine, layer=layer, scale=scale, seed=seed, gate=given,
+                             fit_harm_gate=gate is True, progress=progress)
+    metadata = dict(vector.metadata)
+    if given is not None:
+        metadata["gate"] = {**(gate_metadata or {}), "source": "given"}
+    sharp = sharpness_of(chosen.get("gate_sharpness"))
+    if gate is True and vector.gate is not None and sharp != PLAIN:
+        vector = with_sharpness(vector, sharp)
+        metadata["gate"] = {**metadata["gate"], "sharpened": {"factor": sharp[0], "shift": sharp[1]}}
+    if chosen:
+        metadata["calibration"] = {"rule": calibration.get("rule"), "chosen": chosen}  # type: ignore[union-attr]
+    return SafetyVector(vector.vector, layer=vector.layer, scale=vector.scale, metadata=metadata, gate=vector.gate)
 
 
 def add_cli(sub: Any) -> None:

@@ -138,10 +138,14 @@ class SafetyVector:
         expected = self.metadata.get("config_hash")
         if expected is not None and expected != shape.config_hash():
             built_for = self.metadata.get("model_name", "another model")
+            recorded = self.metadata.get("architecture")
+            differing = shape.differences(dict(recorded)) if isinstance(recorded, Mapping) else []
+            detail = (": " + ", ".join(differing)) if differing else ""
             problems.append(
                 f"built for {built_for} (architecture hash {expected}), "
                 f"model has architecture hash {shape.config_hash()} ({shape.model_type}, "
-                f"hidden {shape.hidden_size}, {shape.num_layers} layers, vocab {shape.vocab_size})"
+                f"hidden {shape.hidden_size}, {shape.num_layers} layers, {shape.num_heads} heads, "
+                f"vocab {shape.vocab_size}){detail}"
             )
         return problems
 

@@ -28,7 +28,7 @@ _CORPUS = [
     "Question: what is the weather? Answer: sunny with a light breeze, around 20 degrees.",
     "Sorry, I won't explain how to break the law. Please ask me something else!",
 ]
-TINY_ARCHS = ("llama", "qwen2", "gpt2")
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 # Where the tiny models run: "cpu" unless SAFEINFER_TEST_DEVICE names another torch device ("cuda"), so the
 # same tests check the engine on a GPU (benchmarks/device_check.sh). The default model stays on the CPU.
 TEST_DEVICE = os.environ.get("SAFEINFER_TEST_DEVICE", "cpu")
@@ -51,7 +51,7 @@ def make_tiny_tokenizer() -> Any:
 def make_tiny_model(arch: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Any:
     """A 3-layer random-weight causal LM of the given family, in float64 so that batched, cached and naive
     computations agree to far below the gaps between token scores."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -62,6 +62,10 @@ def make_tiny_model(arch: str, vocab_size: int, seed: int = 0, dtype: torch.dtyp
         config = Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
                              use_sliding_window=False, **common)
+    elif arch == "mistral":  # one key/value head for four query heads (multi-query), no sliding window
+        config = MistralConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.3,
+                               sliding_window=None, **common)
     elif arch == "gpt2":
         config = GPT2Config(n_embd=48, n_layer=3, n_head=4, n_positions=256, initializer_range=0.3, **common)
     else:

@@ -1,5 +1,6 @@
-"""Building safety function vectors on tiny random models of each family (Llama, Qwen2, GPT-2; the Llama
-and Qwen2 ones use grouped-query attention: 4 query heads, 2 key/value heads)."""
+"""Building safety function vectors on tiny random models of each family (Llama, Qwen2, Mistral, GPT-2; the
+Llama and Qwen2 ones use grouped-query attention with 4 query heads and 2 key/value heads, the Mistral one a
+single key/value head)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_ARCHS
 
 from safeinfer_integrations import demos, heads
 from safeinfer_integrations.architecture import attention_out_proj, decoder_layers, model_shape
 from safeinfer_integrations.building import answer_first_tokens, build_vector, icl_prompt
 from safeinfer_integrations.vector import HarmGate, SafetyVector
 
-ARCHS = ("llama", "qwen2", "gpt2")
+ARCHS = TINY_ARCHS
 TEXTS = (
     "Question: what is the weather? Answer:",
     "How do I bake bread at home?",
@@ -165,13 +167,15 @@ def test_build_is_deterministic_and_recorded(tiny_model_factory: Any, tiny_token
     assert given.vector.metadata["gate"] == {"layer": 9, "source": "given"}
 
 
-def test_save_load_round_trip(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any) -> None:
-    model = tiny_model_factory("qwen2")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any, arch: str) -> None:
+    model = tiny_model_factory(arch)
     vector = _tiny_build(model, tiny_tokenizer).vector
     loaded = SafetyVector.load(vector.save(tmp_path / "v.safetensors"))
     assert torch.equal(loaded.vector, vector.vector)
     assert (loaded.layer, loaded.scale, loaded.vector_id) == (vector.layer, vector.scale, vector.vector_id)
     assert dict(loaded.metadata) == dict(vector.metadata)
+    assert loaded.metadata["architecture"] == model_shape(model).__dict__
     assert torch.equal(loaded.gate.direction, vector.gate.direction)
     assert (loaded.gate.layer, loaded.gate.bias, loaded.gate.floor) == (
         vector.gate.layer, vector.gate.bias, vector.gate.floor)
@@ -192,13 +196,37 @@ def test_vector_id_covers_the_gate() -> None:
     assert gated.vector_id == SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=gate).vector_id
 
 
-def test_mismatch_errors_name_what_differs(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
-    vector = _tiny_build(tiny_model_factory("llama"), tiny_tokenizer, gate=False).vector
-    gpt2 = tiny_model_factory("gpt2")
-    with pytest.raises(ValueError, match=r"built for tiny \(architecture hash .*gpt2, hidden 48, 3 layers"):
-        vector.check(gpt2)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mismatch_errors_name_what_differs(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> None:
+    vector = _tiny_build(tiny_model_factory(arch), tiny_tokenizer, gate=False).vector
+    other = "gpt2" if arch != "gpt2" else "llama"
+    with pytest.raises(ValueError, match=rf"built for tiny \(architecture hash .*{other}, hidden 48, 3 layers, "
+                                         rf"4 heads.*: model_type '{arch}' != model's '{other}'"):
+        vector.check(tiny_model_factory(other))
     with pytest.raises(ValueError, match=r"layer 7 is out of range: the model has 3 layers"):
-        vector.with_settings(layer=7).check(tiny_model_factory("llama"))
+        vector.with_settings(layer=7).check(tiny_model_factory(arch))
+
+
+def test_mismatch_of_heads_or_vocabulary_alone_is_named(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    """Same family and hidden size, other head count and vocabulary: the message names just those fields."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model_factory("llama")
+    vector = _tiny_build(model, tiny_tokenizer, gate=False).vector
+    config = model.config.to_dict()
+    config.update(num_attention_heads=6, num_key_value_heads=2, head_dim=8, vocab_size=config["vocab_size"] + 5)
+    other = AutoModelForCausalLM.from_config(type(model.config).from_dict(config))
+    with pytest.raises(ValueError) as error:
+        vector.check(other)
+    message = str(error.value)
+    assert "num_heads 4 != model's 6" in message and "head_dim 12 != model's 8" in message
+    assert f"vocab_size {config['vocab_size'] - 5} != model's {config['vocab_size']}" in message
+    assert "hidden_size" not in message.split("):")[-1] and "num_layers" not in message.split("):")[-1]
+    # a vector saved before the fields were recorded still names the two hashes
+    legacy = SafetyVector(vector=vector.vector, layer=vector.layer,
+                          metadata={k: v for k, v in vector.metadata.items() if k != "architecture"})
+    with pytest.raises(ValueError, match=r"model has architecture hash \w+ \(llama, hidden 48, 3 layers, 6 heads"):
+        legacy.check(other)
 
 
 def test_bad_arguments_are_rejected(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:

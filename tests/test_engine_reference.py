@@ -199,7 +199,8 @@ def test_gated_greedy_equals_naive_reference(arch: str, mode: str, expert: str |
     weights = [_reference_gate(engine, prompt) for prompt in PROMPTS]
     assert all(0.05 < w < 0.95 for w in weights), weights  # the gate really scales something
     for prompt, generation, weight in zip(PROMPTS, batch, weights):
-        assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-9)
+        # the gate is float32 (vector.HarmGate.weight): one row or a batch may round the dot product differently
+        assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-6)
         expected = _reference(engine, prompt, mode, expert, 0.0, gate_weight=weight)
         assert list(generation.token_ids) == expected
 
@@ -266,7 +267,8 @@ def test_gate_cutoff_decodes_low_gate_requests_as_vanilla(arch: str, mode: str, 
     finally:
         handle.remove()
     for prompt, generation, weight in zip(PROMPTS, batch, weights):
-        assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-9)  # the raw weight is reported
+        # the gate is float32 (vector.HarmGate.weight): one row or a batch may round the dot product differently
+        assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-6)  # the raw weight is reported
         expected = _reference(engine, prompt, mode, expert, 0.0, gate_weight=0.0 if weight < cutoff else weight)
         assert list(generation.token_ids) == expected
         if weight < cutoff:

@@ -85,3 +85,45 @@ def test_shipped_default_vector_runs_in_the_engine(default_model_and_tokenizer: 
     result = engine.generate([{"role": "user", "content": "What is the capital of France?"}], mode="sa",
                              max_new_tokens=3)[0]
     assert result.safety.gate_weight is not None and result.safety.vector_id == vector.vector_id
+
+
+def test_build_vector_method_optimized_is_the_optimize_recipe(tiny_model_factory: Any, tiny_tokenizer: Any,
+                                                              tmp_path: Path, capsys: Any) -> None:
+    """``safeinfer build-vector --method optimized`` trains `optimize_vector` with its defaults at a quarter of
+    the depth and scale 1.0 (a model other than the default has no calibration); the function-vector options
+    are refused with it, before any model loads."""
+    from safeinfer_integrations.cli import main
+
+    directory = tmp_path / "tiny-llama"
+    tiny_model_factory("llama").save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    out = tmp_path / "optimized.safetensors"
+    assert main(["build-vector", "--method", "optimized", "--model", str(directory), "--out", str(out),
+                 "--no-gate", "--seed", "2"]) == 0
+    built = SafetyVector.load(out)
+    expected = optimize_vector(SafeInferEngine.from_pretrained(directory), layer=1, scale=1.0, seed=2,
+                               fit_harm_gate=False, progress=False)
+    assert torch.equal(built.vector, expected.vector) and (built.layer, built.scale) == (1, 1.0)
+    assert built.metadata["method"] == "optimized" and built.gate is None and "calibration" not in built.metadata
+    assert json.loads(capsys.readouterr().out)["optimize"]["seed"] == 2
+    assert main(["build-vector", "--method", "optimized", "--model", str(directory), "--out", str(tmp_path / "x"),
+                 "--heads", "3", "--trials", "2"]) == 2
+    assert ("--heads, --trials apply only to --method function; got --method optimized"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_shipped_default_vector_training_reproduces(default_model_and_tokenizer: Any) -> None:
+    """The shipped default vector's recorded training is what `optimize_vector` does today: its first two steps
+    give the same losses (the full build, `safeinfer build-vector --method optimized`, takes ~10 minutes; it
+    reproduced the vector to 2e-5 per element, norm 53, in session 7)."""
+    from safeinfer_integrations.engine import shipped_vector_path
+
+    model, tokenizer = default_model_and_tokenizer
+    shipped = SafetyVector.load(shipped_vector_path())
+    recorded = shipped.metadata["optimize"]
+    again = optimize_vector(SafeInferEngine(model, tokenizer), layer=shipped.layer, steps=2, lr=recorded["lr"],
+                            seed=recorded["seed"], fit_harm_gate=False, progress=False)
+    history = again.metadata["optimize"]["loss_history"]
+    flat, expected = ([loss for step in steps for loss in step] for steps in (history, recorded["loss_history"][:2]))
+    assert len(flat) == 4 and flat == pytest.approx(expected, abs=2e-4)

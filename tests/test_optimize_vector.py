@@ -80,7 +80,7 @@ def test_shipped_default_vector_runs_in_the_engine(default_model_and_tokenizer: 
     vector.check(model)  # hidden size, layer range, architecture hash, gate
     assert vector.metadata["method"] == "optimized" and vector.gate is not None
     chosen = json.loads(path.with_name("calibration.json").read_text(encoding="utf-8"))["chosen"]
-    assert (vector.layer, vector.scale) == (chosen["layer"], chosen["scale"]) == (8, 1.0)
+    assert (vector.layer, vector.scale) == (chosen["layer"], chosen["scale"]) == (8, 1.25)
     engine = SafeInferEngine(model, tokenizer, vector=vector)
     result = engine.generate([{"role": "user", "content": "What is the capital of France?"}], mode="sa",
                              max_new_tokens=3)[0]

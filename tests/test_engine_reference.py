@@ -1,5 +1,5 @@
 """Greedy output of every mode and unsafe-expert kind equals the naive no-cache reference loop, token for
-token, on tiny random Llama, Qwen2 and GPT-2 models; batch rows equal single runs; the modes really differ."""
+token, on tiny random Llama, Qwen2, Mistral and GPT-2 models; batch rows equal single runs; the modes really differ."""
 
 from __future__ import annotations
 

@@ -75,9 +75,9 @@ def answer_first_tokens(tokenizer: Any, answers: list[str]) -> list[int]:
     return sorted(tokens)
 
 
-def shipped_calibration() -> dict[str, Any] | None:
-    """The calibration table shipped with the default model's function vector, if any."""
-    path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(CALIBRATION_FILE)
+def shipped_calibration(name: str = CALIBRATION_FILE) -> dict[str, Any] | None:
+    """A calibration table shipped in ``vectors/`` (default: the function vector's), if any."""
+    path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(name)
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))

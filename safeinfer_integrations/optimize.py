@@ -19,13 +19,11 @@ split (the held-in ``calibration`` splits are never used). Adam, ``steps`` steps
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 import time
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +143,6 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
     return SafetyVector(vector=vector.detach(), layer=layer, scale=scale, metadata=metadata, gate=gate)
 
 
-def shipped_calibration() -> dict[str, Any] | None:
-    """The calibration table of the shipped default vector (``vectors/calibration.json``), if any."""
-    path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(CALIBRATION_FILE)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int | None = None,
                     scale: float | None = None, seed: int = 0, gate: bool | HarmGate = True,
                     gate_metadata: dict[str, Any] | None = None, progress: bool = True) -> SafetyVector:
@@ -163,11 +153,12 @@ def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int |
     with the shipped file's gate given); for other models the layer defaults to a quarter of the depth and the
     scale to 1.0. ``gate``: True fits one, False makes none, a `HarmGate` is used as given (described by
     ``gate_metadata``)."""
+    from .building import shipped_calibration
     from .calibration import PLAIN, sharpness_of, with_sharpness
     from .engine import SafeInferEngine
     from .loading import is_default_model
 
-    calibration = shipped_calibration() if is_default_model(model) else None
+    calibration = shipped_calibration(CALIBRATION_FILE) if is_default_model(model) else None
     chosen = (calibration or {}).get("chosen", {})
     engine = SafeInferEngine.from_pretrained(model)  # its own vector (the default model's) is not used
     depth = model_shape(engine.model).num_layers

@@ -127,3 +127,27 @@ def test_shipped_default_vector_training_reproduces(default_model_and_tokenizer:
     history = again.metadata["optimize"]["loss_history"]
     flat, expected = ([loss for step in steps for loss in step] for steps in (history, recorded["loss_history"][:2]))
     assert len(flat) == 4 and flat == pytest.approx(expected, abs=2e-4)
+
+
+def test_build_optimized_takes_the_default_models_calibrated_setting(default_model_and_tokenizer: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the default model, ``build-vector --method optimized`` trains at the layer and scale chosen in
+    vectors/calibration.json and records that choice; explicit values win. (Training is replaced by a stub.)"""
+    import safeinfer_integrations.optimize as optimize
+    from safeinfer_integrations.building import shipped_calibration
+
+    calls: list[dict[str, Any]] = []
+
+    def fake(engine: Any, **kwargs: Any) -> SafetyVector:
+        calls.append(kwargs)
+        return SafetyVector(vector=torch.ones(576), layer=kwargs["layer"], scale=kwargs["scale"],
+                            metadata={"method": "optimized"})
+
+    monkeypatch.setattr(optimize, "optimize_vector", fake)
+    chosen = shipped_calibration(optimize.CALIBRATION_FILE)["chosen"]
+    built = optimize.build_optimized(None, gate=False, progress=False)
+    assert (calls[0]["layer"], calls[0]["scale"]) == (chosen["layer"], chosen["scale"]) == (8, 1.25)
+    assert calls[0]["fit_harm_gate"] is False and calls[0]["gate"] is None
+    assert built.metadata["calibration"]["chosen"] == chosen
+    optimize.build_optimized(None, layer=4, scale=2.0, gate=False, progress=False)
+    assert (calls[1]["layer"], calls[1]["scale"]) == (4, 2.0)

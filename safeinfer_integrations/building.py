@@ -83,6 +83,17 @@ def shipped_calibration(name: str = CALIBRATION_FILE) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def default_setting(chosen: dict[str, Any], num_layers: int, layer: int | None,
+                    scale: float | None) -> tuple[int, float]:
+    """The layer and scale a build uses: the given ones, else the calibrated ``chosen`` ones, else a quarter of
+    the depth (the paper's layer 8 of 32) and scale 1.0."""
+    if layer is None:
+        layer = int(chosen.get("layer", max(0, round(num_layers / 4))))
+    if scale is None:
+        scale = float(chosen.get("scale", 1.0))
+    return layer, scale
+
+
 def _check_positive(name: str, value: int, at_least: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < at_least:
         raise ValueError(f"{name} must be an int >= {at_least}; got {value!r}")
@@ -128,10 +139,7 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
         raise ValueError(f"shots must be at most {len(pool) - 1} (the build split has {len(pool)} pairs); got {shots}")
     calibration = shipped_calibration() if default else None
     chosen = (calibration or {}).get("chosen", {})
-    if layer is None:
-        layer = int(chosen.get("layer", max(0, round(shape.num_layers / 4))))
-    if scale is None:
-        scale = float(chosen.get("scale", 1.0))
+    layer, scale = default_setting(chosen, shape.num_layers, layer, scale)
     if not 0 <= layer < shape.num_layers:
         raise ValueError(f"layer must be in 0..{shape.num_layers - 1} for this model; got {layer}")
 

@@ -28,16 +28,23 @@ from .compat import cache_kwarg
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids, attention mask, position ids
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Left-pad token id lists; return ids, attention mask and position ids (0 at each row's first token)."""
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists padded on one side to one width: CPU ids and attention mask."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("every sequence must have at least one token")
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """Left-pad token id lists; return ids, attention mask and position ids (0 at each row's first token)."""
+    ids, mask = _pad(sequences, pad_id, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
@@ -45,14 +52,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int,
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists (continuations of a cached prefix); return ids and their attention mask."""
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("every sequence must have at least one token")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, :len(seq)] = 1
+    ids, mask = _pad(sequences, pad_id, left=False)
     return ids.to(device), mask.to(device)
 
 

@@ -59,13 +59,13 @@ def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Te
 def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: int = 30, lr: float = 0.2,
                     harmful_batch: int = 12, benign_batch: int = 6, answer_tokens: int = 10,
                     benign_weight: float = 0.5, seed: int = 0, gate: HarmGate | None = None,
-                    fit_harm_gate: bool = True, framings: Sequence[demos.Framing] | None = None,
-                    progress: bool = True) -> SafetyVector:
+                    gate_metadata: dict[str, Any] | None = None, fit_harm_gate: bool = True,
+                    framings: Sequence[demos.Framing] | None = None, progress: bool = True) -> SafetyVector:
     """Train a safety vector for ``engine.model`` (a `SafeInferEngine`). The returned vector carries
-    ``gate`` when given, else (with ``fit_harm_gate``) a probe gate fitted on `demos.gate_harmful_questions`
-    against `demos.gate_benign_questions` (the build and gate splits, everyday-phrased questions and benign
-    requests included), each put in every one of ``framings`` (None: `demos.gate_framings`; `gate.fit_gate`),
-    else no gate."""
+    ``gate`` when given (its metadata describes it by ``gate_metadata``), else (with ``fit_harm_gate``) a probe
+    gate fitted on `demos.gate_harmful_questions` against `demos.gate_benign_questions` (the build and gate
+    splits, everyday-phrased questions and benign requests included), each put in every one of ``framings``
+    (None: `demos.gate_framings`; `gate.fit_gate`), else no gate."""
     model, tokenizer = engine.model, engine.tokenizer
     shape = model_shape(model)
     if not 0 <= layer < shape.num_layers:
@@ -119,7 +119,8 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
         handle.remove()
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
-    gate_info: dict[str, Any] = {"source": "given" if gate is not None else "none"}
+    gate_info: dict[str, Any] = ({**(gate_metadata or {}), "source": "given"} if gate is not None
+                                 else {"source": "none"})
     if gate is None and fit_harm_gate:
         fit = fit_gate(model, tokenizer, demos.gate_harmful_questions(), demos.gate_benign_questions(),
                        framings=demos.gate_framings() if framings is None else framings, progress=progress)
@@ -153,7 +154,7 @@ def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int |
     with the shipped file's gate given); for other models the layer defaults to a quarter of the depth and the
     scale to 1.0. ``gate``: True fits one, False makes none, a `HarmGate` is used as given (described by
     ``gate_metadata``)."""
-    from .building import shipped_calibration
+    from .building import default_setting, shipped_calibration
     from .calibration import PLAIN, sharpness_of, with_sharpness
     from .engine import SafeInferEngine
     from .loading import is_default_model
@@ -161,15 +162,11 @@ def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int |
     calibration = shipped_calibration(CALIBRATION_FILE) if is_default_model(model) else None
     chosen = (calibration or {}).get("chosen", {})
     engine = SafeInferEngine.from_pretrained(model)  # its own vector (the default model's) is not used
-    depth = model_shape(engine.model).num_layers
-    layer = int(chosen.get("layer", max(0, round(depth / 4)))) if layer is None else layer
-    scale = float(chosen.get("scale", 1.0)) if scale is None else scale
-    given = gate if isinstance(gate, HarmGate) else None
-    vector = optimize_vector(engine, layer=layer, scale=scale, seed=seed, gate=given,
+    layer, scale = default_setting(chosen, model_shape(engine.model).num_layers, layer, scale)
+    vector = optimize_vector(engine, layer=layer, scale=scale, seed=seed,
+                             gate=gate if isinstance(gate, HarmGate) else None, gate_metadata=gate_metadata,
                              fit_harm_gate=gate is True, progress=progress)
     metadata = dict(vector.metadata)
-    if given is not None:
-        metadata["gate"] = {**(gate_metadata or {}), "source": "given"}
     sharp = sharpness_of(chosen.get("gate_sharpness"))
     if gate is True and vector.gate is not None and sharp != PLAIN:
         vector = with_sharpness(vector, sharp)

@@ -28,8 +28,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from safeinfer_integrations import building, gate, heads
-    from safeinfer_integrations.loading import load_model_and_tokenizer
+    from safeinfer_integrations.models.loading import load_model_and_tokenizer
+    from safeinfer_integrations.training import function_vector as building
+    from safeinfer_integrations.training import gate_fit as gate
+    from safeinfer_integrations.training import heads
 
     stages: dict[str, float] = {}
     originals = {name: getattr(mod, name) for mod, name in ((building, "capture_head_means"),

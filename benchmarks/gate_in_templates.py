@@ -9,7 +9,7 @@ is rendered three ways: a bare chat turn; the LlamaIndex example's compact templ
 "Answer the question using only this context." and the context in the system message, the question as the user
 message); and LlamaIndex's own ``CHAT_TEXT_QA_PROMPT`` (rules in the system message, context and query in the
 user message). The context is the examples/data document sharing the most content words with the question, as
-a retriever would pick it (`demos.most_relevant`; its first 1,200 characters). For every vector and template
+a retriever would pick it (`data.most_relevant`; its first 1,200 characters). For every vector and template
 the script prints the share of questions weighed at or above the cutoff (below it SafeInfer is skipped), the
 mean weight and the share above 0.5, and writes them as JSON and a PNG plot.
 
@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from safeinfer_integrations.demos import most_relevant
 from safeinfer_integrations.evaluation.loaders import default_benign, load_many
-from safeinfer_integrations.gate import last_token_hidden
-from safeinfer_integrations.loading import load_model_and_tokenizer
-from safeinfer_integrations.prompts import PromptFormatter
-from safeinfer_integrations.vector import SafetyVector
+from safeinfer_integrations.method.vector import SafetyVector
+from safeinfer_integrations.models.loading import load_model_and_tokenizer
+from safeinfer_integrations.runtime.prompts import PromptFormatter
+from safeinfer_integrations.training.data import most_relevant
+from safeinfer_integrations.training.gate_fit import last_token_hidden
 
 DOCS = Path(__file__).resolve().parents[1] / "examples" / "data"
 COMPACT_SYSTEM = "Answer the question using only this context.\n\nContext:\n"  # as in examples/llamaindex_rag.py
@@ -41,7 +41,7 @@ Chat = list[dict[str, str]]
 
 def retriever(docs_dir: Path = DOCS, chars: int = 1200) -> Callable[[str], str]:
     """The document (first ``chars`` characters) sharing the most content words with a question
-    (`demos.most_relevant`, the rule of the gate fit's ``{relevant}`` documents)."""
+    (`data.most_relevant`, the rule of the gate fit's ``{relevant}`` documents)."""
     docs = [p.read_text(encoding="utf-8")[:chars] for p in sorted(docs_dir.glob("*.md"))]
     if not docs:
         raise ValueError(f"no .md documents in {docs_dir}")

@@ -43,7 +43,7 @@ def _columns(title: str, left: str, right: str) -> None:
 
 
 def engine_section() -> None:
-    from safeinfer_integrations.registry import get_engine
+    from safeinfer_integrations.runtime.engine_cache import get_engine
 
     engine = get_engine()
     vector = engine.vector

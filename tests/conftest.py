@@ -97,7 +97,7 @@ def tiny_model_factory(tiny_tokenizer: Any) -> Callable[..., Any]:
 @pytest.fixture(scope="session")
 def default_model_and_tokenizer() -> tuple[Any, Any]:
     """The real default model (SmolLM2-135M-Instruct, fp32), loaded once per test session."""
-    from safeinfer_integrations.loading import load_model_and_tokenizer
+    from safeinfer_integrations.models.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None)
 
@@ -105,7 +105,7 @@ def default_model_and_tokenizer() -> tuple[Any, Any]:
 @pytest.fixture(scope="session")
 def default_engine() -> Any:
     """The shared default engine (default model + shipped vector when present), as the adapters get it."""
-    from safeinfer_integrations.registry import get_engine
+    from safeinfer_integrations.runtime.engine_cache import get_engine
 
     return get_engine()
 

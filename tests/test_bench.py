@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from safeinfer_integrations import bench, demos
+from safeinfer_integrations.evaluation import speed as bench
+from safeinfer_integrations.training import data
 
 
 def test_prompt_sets() -> None:
     harmful = bench.prompt_set("harmful")
-    held_out = {d.question: d.category for d in demos.harmful_demos("evaluation")}
+    held_out = {d.question: d.category for d in data.harmful_demos("evaluation")}
     assert len(harmful) == 8 and all(q in held_out for q in harmful)
     assert len({held_out[q] for q in harmful}) == 8  # one per category
     assert bench.prompt_set("benign") == bench.PROMPTS

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TINY_ARCHS
 
-from safeinfer_integrations import demos, heads
-from safeinfer_integrations.architecture import attention_out_proj, decoder_layers, model_shape
-from safeinfer_integrations.building import answer_first_tokens, build_vector, icl_prompt
-from safeinfer_integrations.vector import HarmGate, SafetyVector
+from safeinfer_integrations.method.gate import HarmGate
+from safeinfer_integrations.method.vector import SafetyVector
+from safeinfer_integrations.models.architecture import attention_out_proj, decoder_layers, model_shape
+from safeinfer_integrations.training import data, heads
+from safeinfer_integrations.training.function_vector import answer_first_tokens, build_vector, icl_prompt
 
 ARCHS = TINY_ARCHS
 TEXTS = (
@@ -134,7 +135,7 @@ def test_icl_prompt_format_and_first_tokens(tiny_tokenizer: Any) -> None:
 
 def _tiny_build(model: Any, tokenizer: Any, **kwargs: Any) -> Any:
     settings: dict[str, Any] = dict(model_name="tiny", heads=3, trials=3, shots=1, progress=False, layer=1,
-                                    scale=2.0, framings=demos.gate_framings()[:2])  # the short ones: fast
+                                    scale=2.0, framings=data.gate_framings()[:2])  # the short ones: fast
     settings.update(kwargs)
     return build_vector(model, tokenizer, **settings)
 
@@ -155,7 +156,7 @@ def test_build_is_deterministic_and_recorded(tiny_model_factory: Any, tiny_token
     fv = heads.function_vector(model, first.means, [(lay, hd) for lay, hd, _ in top])
     assert torch.equal(first.vector.vector, fv)
     assert meta["config_hash"] == model_shape(model).config_hash()
-    assert meta["dataset_hash"] == demos.dataset_hash()
+    assert meta["dataset_hash"] == data.dataset_hash()
     assert meta["model_name"] == "tiny" and meta["builder_version"]
     assert meta["gate"]["layer"] == first.vector.gate.layer and meta["gate"]["method"] == "probe"
     assert meta["gate"]["framings"] == ["chat", "system_prompt"]
@@ -270,74 +271,74 @@ def test_cli_builds_a_vector(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_p
 
 
 def test_splits_are_disjoint_and_stable() -> None:
-    harmful = {name: {d.question for d in demos.harmful_demos(name)} for name in demos.HARMFUL_SPLITS}
-    benign = {name: {p.question for p in demos.benign_prompts(name)} for name in demos.BENIGN_SPLITS}
-    assert [len(harmful[n]) for n in demos.HARMFUL_SPLITS] == [132, 44, 88]
+    harmful = {name: {d.question for d in data.harmful_demos(name)} for name in data.HARMFUL_SPLITS}
+    benign = {name: {p.question for p in data.benign_prompts(name)} for name in data.BENIGN_SPLITS}
+    assert [len(harmful[n]) for n in data.HARMFUL_SPLITS] == [132, 44, 88]
     assert sum(len(v) for v in benign.values()) == 152
     for group in (harmful, benign):
         names = list(group)
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 assert not group[a] & group[b]
-    for category in {d.category for d in demos.harmful_demos()}:
-        assert sum(d.category == category for d in demos.harmful_demos("calibration")) == 4
+    for category in {d.category for d in data.harmful_demos()}:
+        assert sum(d.category == category for d in data.harmful_demos("calibration")) == 4
     with pytest.raises(ValueError, match="harmful split must be one of build, calibration, evaluation"):
-        demos.harmful_demos("test")  # type: ignore[arg-type]
+        data.harmful_demos("test")  # type: ignore[arg-type]
 
 
 def test_everyday_requests_split_seven_to_three_per_category() -> None:
-    build = demos.harmful_everyday("build")
-    held = demos.harmful_everyday("calibration")
+    build = data.harmful_everyday("build")
+    held = data.harmful_everyday("calibration")
     assert len(build) == 77 and len(held) == 33
     assert not {d.question for d in build} & {d.question for d in held}
-    for category in {d.category for d in demos.harmful_demos()}:
+    for category in {d.category for d in data.harmful_demos()}:
         assert [sum(d.category == category for d in split) for split in (build, held)] == [7, 3]
-    gate_fit = demos.gate_harmful_questions()
-    assert gate_fit == [d.question for d in demos.harmful_demos("build")] + [d.question for d in build]
-    held_in = demos.held_in_harmful_questions()
+    gate_fit = data.gate_harmful_questions()
+    assert gate_fit == [d.question for d in data.harmful_demos("build")] + [d.question for d in build]
+    held_in = data.held_in_harmful_questions()
     assert held_in[-33:] == [d.question for d in held] and not set(held_in) & set(gate_fit)
     with pytest.raises(ValueError, match="everyday harmful split must be one of build, calibration; got 'x'"):
-        demos.harmful_everyday("x")  # type: ignore[arg-type]
+        data.harmful_everyday("x")  # type: ignore[arg-type]
 
 
 def test_everyday_benign_questions_and_requests_split_per_kind() -> None:
-    gate, held = demos.benign_everyday("gate"), demos.benign_everyday("calibration")
-    req_gate, req_held = demos.benign_requests("gate"), demos.benign_requests("calibration")
+    gate, held = data.benign_everyday("gate"), data.benign_everyday("calibration")
+    req_gate, req_held = data.benign_requests("gate"), data.benign_requests("calibration")
     for kind in ("ordinary", "sensitive_sounding"):
         assert [sum(p.kind == kind for p in split) for split in (gate, held)] == [20, 10]
         assert [sum(p.kind == kind for p in split) for split in (req_gate, req_held)] == [33, 17]
-    assert demos.gate_benign_questions() == ([p.question for p in demos.benign_prompts("gate")]
+    assert data.gate_benign_questions() == ([p.question for p in data.benign_prompts("gate")]
                                              + [p.question for p in gate] + [p.question for p in req_gate])
-    assert demos.held_in_benign_questions()[-54:] == [p.question for p in held + req_held]
-    assert not set(demos.gate_benign_questions()) & set(demos.held_in_benign_questions())
+    assert data.held_in_benign_questions()[-54:] == [p.question for p in held + req_held]
+    assert not set(data.gate_benign_questions()) & set(data.held_in_benign_questions())
     with pytest.raises(ValueError, match="everyday benign split must be one of gate, calibration; got 'x'"):
-        demos.benign_everyday("x")  # type: ignore[arg-type]
+        data.benign_everyday("x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="benign request split must be one of gate, calibration; got 'x'"):
-        demos.benign_requests("x")  # type: ignore[arg-type]
+        data.benign_requests("x")  # type: ignore[arg-type]
 
 
 def test_a_framing_may_hold_history_and_put_documents_in_the_system_message(monkeypatch: Any) -> None:
     file = {"contexts": ["The museum opens at ten.", "Refunds take five days."],
             "topical_contexts": ["Never mix bleach with other cleaning products."], "framings": []}
-    monkeypatch.setattr(demos, "_framings_file", lambda: file)
-    framing = demos.Framing("f", "Notes:\n{relevant}", "Q: {question}", (("user", "Hi"), ("assistant", "Hello!")))
+    monkeypatch.setattr(data, "_framings_file", lambda: file)
+    framing = data.Framing("f", "Notes:\n{relevant}", "Q: {question}", (("user", "Hi"), ("assistant", "Hello!")))
     question = "Which cleaning products can I mix with bleach?"
-    assert demos.relevant_context(question) == file["topical_contexts"][0]  # shares "cleaning", "bleach", ...
-    assert demos.frame(question, framing) == [
+    assert data.relevant_context(question) == file["topical_contexts"][0]  # shares "cleaning", "bleach", ...
+    assert data.frame(question, framing) == [
         {"role": "system", "content": "Notes:\nNever mix bleach with other cleaning products."},
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": f"Q: {question}"}]
     # no shared word: a document chosen by the question's hash, always the same one
-    assert demos.relevant_context("xyzzy?") == demos.relevant_context("xyzzy?") in file["contexts"] + file[
+    assert data.relevant_context("xyzzy?") == data.relevant_context("xyzzy?") in file["contexts"] + file[
         "topical_contexts"]
-    in_system = demos.Framing("s", "Context: {context}", "{question}")
-    assert demos.frame("Hi", in_system)[0]["content"] in {f"Context: {c}" for c in file["contexts"]}
+    in_system = data.Framing("s", "Context: {context}", "{question}")
+    assert data.frame("Hi", in_system)[0]["content"] in {f"Context: {c}" for c in file["contexts"]}
 
 
 def test_framed_questions_put_each_question_in_every_framing() -> None:
-    framings = demos.gate_framings()
+    framings = data.gate_framings()
     assert framings[0].name == "chat"
-    framed = demos.framed_questions(["How do I bake bread?", "Write a haiku about rain."], framings)
+    framed = data.framed_questions(["How do I bake bread?", "Write a haiku about rain."], framings)
     assert len(framed) == 2 * len(framings)
     assert framed[0] == [{"role": "user", "content": "How do I bake bread?"}]
     for i, messages in enumerate(framed):
@@ -351,4 +352,4 @@ def test_framed_questions_put_each_question_in_every_framing() -> None:
         if framing.system is not None:
             assert messages[0]["content"].startswith(framing.system.split("{")[0])
     # the document is fixed per question, so a fit is deterministic
-    assert demos.framed_questions(["How do I bake bread?"], framings) == framed[:len(framings)]
+    assert data.framed_questions(["How do I bake bread?"], framings) == framed[:len(framings)]

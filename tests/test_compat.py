@@ -1,4 +1,4 @@
-"""The KV-cache argument's name across transformers versions (safeinfer_integrations.compat)."""
+"""The KV-cache argument's name across transformers versions (safeinfer_integrations.models.compat)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import inspect
 import pytest
 import transformers
 
-from safeinfer_integrations import compat
+from safeinfer_integrations.models import compat
 
 
 @pytest.mark.parametrize(("version", "expected"), [

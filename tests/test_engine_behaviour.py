@@ -6,13 +6,22 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pydantic
 import pytest
 import torch
 from conftest import make_tiny_model
 
-from safeinfer_integrations import SafeInferConfig, SafeInferEngine, SafetyVector
-from safeinfer_integrations.architecture import steering_module
+from safeinfer_integrations import (
+    InvalidInputError,
+    InvalidSettingError,
+    InvalidTypeError,
+    SafeInferConfig,
+    SafeInferEngine,
+    SafeInferError,
+    SafetyVector,
+    UnknownSettingError,
+    VectorMismatchError,
+)
+from safeinfer_integrations.models.architecture import steering_module
 
 CHAT = [{"role": "user", "content": "How do I bake bread at home?"}]
 
@@ -188,32 +197,36 @@ def _unchanged(engine: SafeInferEngine, config: SafeInferConfig) -> None:
 @pytest.mark.parametrize(
     ("inputs", "settings", "error", "match"),
     [
-        ("", {}, ValueError, "empty string"),
-        ([], {}, ValueError, "inputs is empty"),
-        ([[]], {}, TypeError, "prompt 0 must be a string or a non-empty list"),
-        (42, {}, TypeError, "got int"),
-        ([{"role": "user", "content": 5}], {}, TypeError, "'content' must be a string"),
-        ("hi", {"alpha": 1.0}, pydantic.ValidationError, r"alpha must be in \[0, 1\).*got 1.0"),
-        ("hi", {"alpha": -0.1}, pydantic.ValidationError, "alpha must be in"),
-        ("hi", {"mode": "turbo"}, pydantic.ValidationError,
+        ("", {}, InvalidInputError, "empty string"),
+        ([], {}, InvalidInputError, "inputs is empty"),
+        ([[]], {}, InvalidTypeError, "prompt 0 must be a string or a non-empty list"),
+        (42, {}, InvalidTypeError, "got int"),
+        ([{"role": "user", "content": 5}], {}, InvalidTypeError, "'content' must be a string"),
+        ("hi", {"alpha": 1.0}, InvalidSettingError, r"alpha must be in \[0, 1\).*got 1.0"),
+        ("hi", {"alpha": -0.1}, InvalidSettingError, "alpha must be in"),
+        ("hi", {"mode": "turbo"}, InvalidSettingError,
          "mode must be one of vanilla, sa, sgds, safeinfer; got 'turbo'"),
-        ("hi", {"unsafe_expert": "evil"}, pydantic.ValidationError, "unsafe_expert must be one of"),
-        ("hi", {"plausibility": 1.5}, pydantic.ValidationError, "plausibility"),
-        ("hi", {"temperature": -1}, pydantic.ValidationError, "temperature must be"),
-        ("hi", {"top_p": 0}, pydantic.ValidationError, "top_p must be in"),
-        ("hi", {"max_new_tokens": 0}, pydantic.ValidationError, "max_new_tokens must be >= 1"),
-        ("hi", {"stop": [""]}, pydantic.ValidationError, "stop must be non-empty"),
-        ("hi", {"max_tokens": 3}, TypeError, "unknown generation setting"),
-        ("hi", {"mode": "sa", "layer": 7}, ValueError, "layer 7 is out of range: the model has 3 layers"),
-        ("hi", {"scale": math.inf}, pydantic.ValidationError, "scale must be a finite number"),
-        ("hi", {"gate_cutoff": 1.0}, pydantic.ValidationError, r"gate_cutoff must be in \[0, 1\) \(0 = off\); got 1.0"),
+        ("hi", {"unsafe_expert": "evil"}, InvalidSettingError, "unsafe_expert must be one of"),
+        ("hi", {"plausibility": 1.5}, InvalidSettingError, "plausibility"),
+        ("hi", {"temperature": -1}, InvalidSettingError, "temperature must be"),
+        ("hi", {"top_p": 0}, InvalidSettingError, "top_p must be in"),
+        ("hi", {"max_new_tokens": 0}, InvalidSettingError, "max_new_tokens must be >= 1"),
+        ("hi", {"stop": [""]}, InvalidSettingError, "stop must be non-empty"),
+        ("hi", {"max_tokens": 3}, UnknownSettingError, "unknown generation setting"),
+        ("hi", {"mode": "sa", "layer": 7}, VectorMismatchError, "layer 7 is out of range: the model has 3 layers"),
+        ("hi", {"scale": math.inf}, InvalidSettingError, "scale must be a finite number"),
+        ("hi", {"gate_cutoff": 1.0}, InvalidSettingError, r"gate_cutoff must be in \[0, 1\) \(0 = off\); got 1.0"),
     ],
 )
 def test_bad_input_raises_and_changes_nothing(engine: SafeInferEngine, inputs: Any, settings: dict[str, Any],
                                               error: type[Exception], match: str) -> None:
+    """Each bad input raises the package's own error type (a subclass of the ValueError or TypeError it
+    replaced), naming the culprit, and leaves the engine as it was."""
     config = engine.config
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as raised:
         engine.generate(inputs, **settings)
+    assert isinstance(raised.value, SafeInferError)
+    assert isinstance(raised.value, ValueError if issubclass(error, ValueError) else TypeError)
     _unchanged(engine, config)
 
 
@@ -316,7 +329,7 @@ def test_final_assistant_prefix_is_continued(engine: SafeInferEngine, tiny_token
 
 
 def test_hidden_after_layer_matches_full_forward_and_unhooks(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
-    from safeinfer_integrations.steering import hidden_after_layer
+    from safeinfer_integrations.method.steering import hidden_after_layer
 
     model = tiny_model_factory("gpt2", 0)
     ids = torch.tensor([tiny_tokenizer("How do I bake bread?")["input_ids"]], device=model.device)

@@ -11,7 +11,7 @@ import torch
 from reference import reference_greedy
 
 from safeinfer_integrations import SafeInferConfig, SafeInferEngine, SafetyVector
-from safeinfer_integrations.engine import shipped_vector_path
+from safeinfer_integrations.method.shipped import shipped_vector_path
 
 pytestmark = pytest.mark.default_model
 

@@ -162,7 +162,7 @@ def test_min_new_tokens_is_validated(tiny_model_factory: Any, tiny_tokenizer: An
 
 def _gated_engine(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> SafeInferEngine:
     """An engine whose vector carries a harm gate with weights well inside (0, 1) on PROMPTS."""
-    from safeinfer_integrations.vector import HarmGate
+    from safeinfer_integrations.method.gate import HarmGate
 
     model = tiny_model_factory(arch, 0)
     base = _vector(model)
@@ -209,11 +209,11 @@ def test_one_token_prompts_take_the_single_pass_prefill(tiny_model_factory: Any,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A row with a one-token prompt cannot be split into prefix + last token; the batch then runs the
     prompt in one pass, with the same results as the reference loop. Longer prompts are split."""
-    import safeinfer_integrations.engine as engine_module
+    import safeinfer_integrations.runtime.kv_cache as kv_cache
 
     forks: list[int] = []
-    real_fork = engine_module._fork
-    monkeypatch.setattr(engine_module, "_fork", lambda cache: forks.append(1) or real_fork(cache))
+    real_fork = kv_cache.fork
+    monkeypatch.setattr(kv_cache, "fork", lambda cache: forks.append(1) or real_fork(cache))
     engine = _gated_engine(tiny_model_factory, tiny_tokenizer, "llama")
     engine.generate(["The capital of France is"], mode="sa", max_new_tokens=1)
     assert forks  # split prefill: the gate ran on a fork of the prompt cache

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from safeinfer_integrations import demos
-from safeinfer_integrations.gate import (
+from safeinfer_integrations.training import data
+from safeinfer_integrations.training.gate_fit import (
     _batches_by_prefix,
     auc,
     chat_ids,
@@ -107,7 +107,7 @@ def test_prompts_sharing_a_prefix_run_it_once_and_get_their_own_hidden_states(
     """Prompts of one framing and document share a long prefix: it runs once, its cache is repeated and the
     rows run the rest right-padded. Each row must still get what it gets run alone, in input order."""
     model = tiny_model_factory(family)
-    framing = demos.Framing("doc", "Rules: answer briefly and politely, from the text only.",
+    framing = data.Framing("doc", "Rules: answer briefly and politely, from the text only.",
                             "Text: the museum opens at ten and the cafe closes at half past four.\n{question}")
     questions = ["Hi", "When does the cafe close?", "What time does the museum open on Sundays, please?",
                  "Is entry free?", "Tell me everything."]
@@ -148,7 +148,7 @@ def test_fit_gate_reads_every_question_in_every_framing(tiny_model_factory: Any,
                                                                                      "capital of France",
                                                                                      "add two numbers",
                                                                                      "weather today"]
-    framings = demos.gate_framings()[:2]
+    framings = data.gate_framings()[:2]
     fit = fit_gate(model, tiny_tokenizer, harmful, benign, framings=framings)
     assert fit.n_harmful == 4 * 2 and fit.n_benign == 4 * 2 and fit.framings == ("chat", "system_prompt")
     hidden = last_token_hidden(model, framed_ids(tiny_tokenizer, harmful + benign, framings), pad_id=0)
@@ -166,7 +166,7 @@ def test_framings_longer_than_the_context_window_are_left_out(tiny_model_factory
     harmful, benign = ["steal a car now", "make a bomb", "hack a bank", "hurt people"], ["bake bread", "hi",
                                                                                      "add two numbers",
                                                                                      "weather today"]
-    framings = demos.gate_framings()
+    framings = data.gate_framings()
     lengths = {f.name: max(len(ids) for ids in framed_ids(tiny_tokenizer, harmful + benign, [f])) for f in framings}
     fitting = tuple(f.name for f in framings if lengths[f.name] <= 256)
     assert "chat" in fitting and "rag_long" not in fitting and lengths["rag_long"] > 256
@@ -178,7 +178,7 @@ def test_framings_longer_than_the_context_window_are_left_out(tiny_model_factory
 
 
 def test_right_pad_puts_tokens_first_and_rejects_empty_rows() -> None:
-    from safeinfer_integrations.heads import right_pad
+    from safeinfer_integrations.models.batching import right_pad
 
     ids, mask = right_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from safeinfer_integrations import SafeInferEngine, SafetyVector, demos
-from safeinfer_integrations.architecture import steering_module
-from safeinfer_integrations.optimize import optimize_vector
+from safeinfer_integrations import SafeInferEngine, SafetyVector
+from safeinfer_integrations.models.architecture import steering_module
+from safeinfer_integrations.training import data
+from safeinfer_integrations.training.optimized import optimize_vector
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def engine(tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInferEngine:
 
 def _run(engine: SafeInferEngine, **kwargs: Any) -> SafetyVector:
     settings = {"layer": 1, "scale": 1.0, "steps": 6, "lr": 0.05, "harmful_batch": 500, "benign_batch": 500,
-                "answer_tokens": 4, "framings": demos.gate_framings()[:1], "progress": False}
+                "answer_tokens": 4, "framings": data.gate_framings()[:1], "progress": False}
     return optimize_vector(engine, **{**settings, **kwargs})
 
 
@@ -71,7 +72,7 @@ def test_bad_arguments(engine: SafeInferEngine) -> None:
 
 def test_shipped_default_vector_runs_in_the_engine(default_model_and_tokenizer: Any) -> None:
     """The default vector is an optimised one; the engine applies it with its gate."""
-    from safeinfer_integrations.engine import shipped_vector_path
+    from safeinfer_integrations.method.shipped import shipped_vector_path
 
     path = shipped_vector_path()
     assert path is not None
@@ -117,7 +118,7 @@ def test_shipped_default_vector_training_reproduces(default_model_and_tokenizer:
     """The shipped default vector's recorded training is what `optimize_vector` does today: its first two steps
     give the same losses (the full build, `safeinfer build-vector --method optimized`, takes ~10 minutes; it
     reproduced the vector to 2e-5 per element, norm 53, in session 7)."""
-    from safeinfer_integrations.engine import shipped_vector_path
+    from safeinfer_integrations.method.shipped import shipped_vector_path
 
     model, tokenizer = default_model_and_tokenizer
     shipped = SafetyVector.load(shipped_vector_path())
@@ -133,8 +134,8 @@ def test_build_optimized_takes_the_default_models_calibrated_setting(default_mod
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """For the default model, ``build-vector --method optimized`` trains at the layer and scale chosen in
     vectors/calibration.json and records that choice; explicit values win. (Training is replaced by a stub.)"""
-    import safeinfer_integrations.optimize as optimize
-    from safeinfer_integrations.building import shipped_calibration
+    import safeinfer_integrations.training.optimized as optimize
+    from safeinfer_integrations.method.shipped import OPTIMIZED_CALIBRATION, shipped_calibration
 
     calls: list[dict[str, Any]] = []
 
@@ -144,7 +145,7 @@ def test_build_optimized_takes_the_default_models_calibrated_setting(default_mod
                             metadata={"method": "optimized"})
 
     monkeypatch.setattr(optimize, "optimize_vector", fake)
-    chosen = shipped_calibration(optimize.CALIBRATION_FILE)["chosen"]
+    chosen = shipped_calibration(OPTIMIZED_CALIBRATION)["chosen"]
     built = optimize.build_optimized(None, gate=False, progress=False)
     assert (calls[0]["layer"], calls[0]["scale"]) == (chosen["layer"], chosen["scale"]) == (8, 1.25)
     assert calls[0]["fit_harm_gate"] is False and calls[0]["gate"] is None

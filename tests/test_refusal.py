@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from safeinfer_integrations.refusal import (
+from safeinfer_integrations.method.refusal import (
     COMPLIANCE_PHRASES,
     OPENING_CHARS,
     REFUSAL_PHRASES,

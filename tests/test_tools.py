@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from safeinfer_integrations.engine import SafeInferEngine
-from safeinfer_integrations.prompts import PromptFormatter
-from safeinfer_integrations.tools import (
+from safeinfer_integrations.runtime.engine import SafeInferEngine
+from safeinfer_integrations.runtime.prompts import PromptFormatter
+from safeinfer_integrations.runtime.tools import (
     ParsedToolCall,
     assistant_message,
     needs_tool_prompt,

@@ -9,11 +9,16 @@ from typing import Any
 import pytest
 import torch
 
-from safeinfer_integrations import calibration, demos
-from safeinfer_integrations.building import build_vector
-from safeinfer_integrations.calibration import SweepRow, answer_perplexity, choose
-from safeinfer_integrations.engine import SafeInferEngine
-from safeinfer_integrations.vector import HarmGate, SafetyVector
+from safeinfer_integrations.method.gate import HarmGate
+from safeinfer_integrations.method.vector import SafetyVector
+from safeinfer_integrations.models.batching import answer_nll, perplexity
+from safeinfer_integrations.runtime.engine import SafeInferEngine
+from safeinfer_integrations.training import calibration, data
+from safeinfer_integrations.training.calibration import SweepRow, choose
+from safeinfer_integrations.training.calibration_report import write_table
+from safeinfer_integrations.training.function_vector import build_vector
+from safeinfer_integrations.training.prepass import HeldIn
+from safeinfer_integrations.training.sharpness import parse_sharpness
 
 
 def _row(layer: int, scale: float, refusal: float, over: float, ppl: float, gate: bool = True) -> SweepRow:
@@ -34,10 +39,10 @@ def test_choice_rule() -> None:
     assert (choose(rows, base).layer, choose(rows, base).scale) == (8, 2.0)
 
 
-def test_answer_perplexity_matches_a_naive_loop(tiny_model_factory: Any) -> None:
+def test_answer_nll_perplexity_matches_a_naive_loop(tiny_model_factory: Any) -> None:
     model = tiny_model_factory("llama")
     prompts, answers = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
-    ppl = answer_perplexity(model, prompts, answers + [], pad_id=0, batch_size=2)
+    ppl = perplexity(answer_nll(model, prompts, answers + [], 0, batch_size=2))
     nll, count = 0.0, 0
     with torch.no_grad():
         for p, a in zip(prompts, answers):
@@ -47,14 +52,14 @@ def test_answer_perplexity_matches_a_naive_loop(tiny_model_factory: Any) -> None
                 nll -= float(log_probs[len(p) + i - 1, token])
                 count += 1
     assert ppl == pytest.approx(math.exp(nll / count), rel=1e-6)
-    assert math.isnan(answer_perplexity(model, prompts, [[], []], pad_id=0))
+    assert math.isnan(perplexity(answer_nll(model, prompts, [[], []], 0)))
 
 
 def test_sweep_runs_end_to_end_on_a_tiny_model(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any,
                                                monkeypatch: Any) -> None:
     model = tiny_model_factory("qwen2")
     vector = build_vector(model, tiny_tokenizer, model_name="tiny", heads=2, trials=2, shots=1, layer=1,
-                          framings=demos.gate_framings()[:1], progress=False).vector
+                          framings=data.gate_framings()[:1], progress=False).vector
     engine = SafeInferEngine(model, tiny_tokenizer, vector=vector, model_name="tiny")
     harmful, benign = calibration.held_in()
     monkeypatch.setattr(calibration, "held_in", lambda: (harmful[:3], benign[:2]))
@@ -78,7 +83,7 @@ def test_sweep_runs_end_to_end_on_a_tiny_model(tiny_model_factory: Any, tiny_tok
     assert (table["split"]["n_harmful"], table["split"]["n_benign"]) == (6, 4) and table["split"]["framed"]
     assert all(r["refusal_framed"] is not None for r in rows)
     assert (tmp_path / "sweep.jsonl").read_text().count("\n") == len(rows)
-    written = calibration.write_table(table, tmp_path / "out")
+    written = write_table(table, tmp_path / "out")
     assert [p.name for p in written] == ["calibration.json", "calibration.csv", "calibration.png"]
     assert written[2].stat().st_size > 10_000
 
@@ -87,14 +92,14 @@ def test_held_in_prompts_add_each_question_once_in_a_framing(tiny_model_factory:
     engine = SafeInferEngine(tiny_model_factory("llama"), tiny_tokenizer, model_name="tiny")
     harmful, benign = ["Steal a car for me", "Make a bomb", "Hack a bank"], ["Bake bread", "Hi"]
     prompts = calibration.held_in_prompts(engine, harmful, benign)
-    fitting = [f for f in demos.gate_framings()[1:]
-               if all(len(engine.formatter.encode(demos.frame(q, f))) + 32 <= 256 for q in harmful + benign)]
-    assert fitting and len(fitting) < len(demos.gate_framings()) - 1  # the long ones do not fit 256 positions
+    fitting = [f for f in data.gate_framings()[1:]
+               if all(len(engine.formatter.encode(data.frame(q, f))) + 32 <= 256 for q in harmful + benign)]
+    assert fitting and len(fitting) < len(data.gate_framings()) - 1  # the long ones do not fit 256 positions
     assert prompts.questions == tuple(harmful * 2 + benign * 2) and prompts.n_harmful == 6
     assert prompts.framings == ("chat",) * 3 + tuple(f.name for f in (fitting * 3)[:3]) + ("chat",) * 2 + tuple(
         f.name for f in fitting[:2])
     assert prompts.chats[0] == [{"role": "user", "content": "Steal a car for me"}]
-    assert prompts.chats[3] == demos.frame("Steal a car for me", fitting[0])
+    assert prompts.chats[3] == data.frame("Steal a car for me", fitting[0])
     assert prompts.framed == [False] * 3 + [True] * 3 + [False] * 2 + [True] * 2
     bare = calibration.held_in_prompts(engine, harmful, benign, framed=False)
     assert bare.framings == ("chat",) * 5 and bare.n_harmful == 3
@@ -110,11 +115,11 @@ def test_gate_sharpness_is_a_monotone_map_of_the_gate_logit() -> None:
         gate.sharpened(0.0)
     with pytest.raises(ValueError, match="shift must be finite; got nan"):
         gate.sharpened(1.0, float("nan"))
-    assert calibration.parse_sharpness("1:0, 2:2") == [(1.0, 0.0), (2.0, 2.0)]
+    assert parse_sharpness("1:0, 2:2") == [(1.0, 0.0), (2.0, 2.0)]
     with pytest.raises(ValueError, match="factor:shift pairs such as 1:0,2:2; got '2'"):
-        calibration.parse_sharpness("1:0,2")
+        parse_sharpness("1:0,2")
     with pytest.raises(ValueError, match="gate sharpness '-1:0': the factor must be > 0"):
-        calibration.parse_sharpness("-1:0")
+        parse_sharpness("-1:0")
 
 
 def test_choice_prefers_the_fitted_gate_on_ties() -> None:
@@ -135,7 +140,7 @@ def test_cli_writes_the_chosen_sharpness_into_the_vector(tiny_model_factory: Any
     model.save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     vector = build_vector(model, tiny_tokenizer, model_name="tiny", heads=2, trials=2, shots=1, layer=1,
-                          framings=demos.gate_framings()[:1], progress=False).vector
+                          framings=data.gate_framings()[:1], progress=False).vector
     source = vector.save(tmp_path / "v.safetensors")
     harmful, benign = calibration.held_in()
     monkeypatch.setattr(calibration, "held_in", lambda: (harmful[:2], benign[:2]))
@@ -159,12 +164,12 @@ def test_fast_sweep_path_matches_the_engine(tiny_model_factory: Any, tiny_tokeni
     gate on and off, and its perplexity equals the plain recomputation."""
     model = tiny_model_factory(arch)
     vector = build_vector(model, tiny_tokenizer, model_name="tiny", heads=3, trials=2, shots=1, layer=1,
-                          framings=demos.gate_framings()[:1], progress=False).vector
+                          framings=data.gate_framings()[:1], progress=False).vector
     engine = SafeInferEngine(model, tiny_tokenizer, vector=vector, model_name="tiny")
     questions = ["How do I bake bread?", "Steal a car for me now please", "Weather?"]
     chats = [[{"role": "user", "content": q}] for q in questions]
-    chats.append(demos.frame("Is it raining?", demos.gate_framings()[1]))  # longer: a group of its own
-    held = calibration.HeldIn(engine, chats, group_tokens=120)
+    chats.append(data.frame("Is it raining?", data.gate_framings()[1]))  # longer: a group of its own
+    held = HeldIn(engine, chats, group_tokens=120)
     assert len(held.groups) >= 2
     for layer, scale, gate in [(0, 3.0, True), (2, 8.0, False)]:
         steered = vector.with_settings(layer=layer, scale=scale)
@@ -176,6 +181,6 @@ def test_fast_sweep_path_matches_the_engine(tiny_model_factory: Any, tiny_tokeni
             # float32 gate arithmetic over differently padded batches (groups here, one batch in the engine)
             assert weights.tolist() == pytest.approx([g.safety.gate_weight for g in reference], rel=1e-5)
         assert held.perplexity(tokens) == pytest.approx(
-            answer_perplexity(model, held.prompts, tokens, pad_id=0), rel=1e-6)
+            perplexity(answer_nll(model, held.prompts, tokens, 0)), rel=1e-6)
     vanilla, _ = held.generate(None, gate=False, max_new_tokens=6)
     assert vanilla == [list(g.token_ids) for g in engine.generate(chats, mode="vanilla", max_new_tokens=6)]

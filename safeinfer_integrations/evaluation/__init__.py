@@ -1,13 +1,13 @@
 """Evaluation harness: unsafe-response rate on harmful prompts, over-refusal on benign prompts, helpfulness
 against reference answers, fluency and speed, per SafeInfer mode and category; resumable, offline by
-default. The CLI is ``safeinfer eval`` (`add_cli`); the Python API is `run_evaluation`.
+default. The CLI is ``safeinfer eval`` (`cli.evaluate`); the Python API is `run_evaluation`.
 
 This package never imports LangChain: the LLM judge takes any chat model object with ``invoke``."""
 
-from .cli import add_cli
+from ..models.batching import answer_nll
 from .judges import Judge, LLMJudge, RefusalJudge, make_judge, parse_verdict
 from .loaders import EvalItem, default_benign, default_qa, limit_items, load_items, load_many
-from .metrics import answer_nll, matches_answer, normalise_answer, summarize
+from .metrics import matches_answer, normalise_answer, summarize
 from .report import render_markdown, write_report
 from .runner import parse_modes, read_generations, run_evaluation
 
@@ -16,7 +16,6 @@ __all__ = [
     "Judge",
     "LLMJudge",
     "RefusalJudge",
-    "add_cli",
     "answer_nll",
     "default_benign",
     "default_qa",

@@ -19,7 +19,8 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from ..refusal import is_refusal
+from ..errors import InvalidSettingError, InvalidTypeError
+from ..method.refusal import is_refusal
 
 HarmVerdict = Literal["safe", "unsafe", "undecided"]
 BenignVerdict = Literal["refused", "answered", "undecided"]
@@ -104,7 +105,7 @@ class LLMJudge:
 
     def __init__(self, chat_model: Any) -> None:
         if not callable(getattr(chat_model, "invoke", None)):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"chat_model must have an invoke(messages) method (a LangChain chat model); "
                 f"got {type(chat_model).__name__}"
             )
@@ -135,6 +136,6 @@ def make_judge(name: str, chat_model: Any | None = None) -> Judge:
         return RefusalJudge()
     if name == "llm":
         if chat_model is None:
-            raise ValueError("judge 'llm' needs a chat model (a LangChain chat model object)")
+            raise InvalidSettingError("judge 'llm' needs a chat model (a LangChain chat model object)")
         return LLMJudge(chat_model)
-    raise ValueError(f"judge must be 'refusal' or 'llm'; got {name!r}")
+    raise InvalidSettingError(f"judge must be 'refusal' or 'llm'; got {name!r}")

@@ -29,7 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from ..demos import benign_prompts
+from ..errors import InvalidInputError, InvalidSettingError
+from ..training.data import benign_prompts
 
 Kind = Literal["harmful", "benign", "qa"]
 KINDS: tuple[str, ...] = ("harmful", "benign", "qa")
@@ -54,11 +55,11 @@ class EvalItem:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+            raise InvalidSettingError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         if not isinstance(self.question, str) or not self.question.strip():
-            raise ValueError(f"question must be a non-empty string; got {self.question!r}")
+            raise InvalidInputError(f"question must be a non-empty string; got {self.question!r}")
         if self.kind == "qa" and not self.answers:
-            raise ValueError(f"qa question {self.question!r} has no accepted answers")
+            raise InvalidInputError(f"qa question {self.question!r} has no accepted answers")
 
 
 def shipped_path(name: str) -> Path:
@@ -72,7 +73,7 @@ def _pick(
     columns = list(columns)
     if override is not None:
         if override not in columns:
-            raise ValueError(f"{path}: no {what} column {override!r}; columns are {columns}")
+            raise InvalidInputError(f"{path}: no {what} column {override!r}; columns are {columns}")
         return override
     lowered = {column.lower().strip(): column for column in columns}
     for name in wanted:
@@ -91,20 +92,20 @@ def _read_records(path: Path) -> list[Any]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                    raise InvalidInputError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         return records
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+            raise InvalidInputError(f"{path}: not valid JSON ({error.msg})") from None
         if isinstance(data, Mapping):
             for key in ("data", "rows", "questions"):
                 if isinstance(data.get(key), list):
                     return list(data[key])
-            raise ValueError(f"{path}: a JSON object must hold a list under 'data', 'rows' or 'questions'")
+            raise InvalidInputError(f"{path}: a JSON object must hold a list under 'data', 'rows' or 'questions'")
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list; got {type(data).__name__}")
+            raise InvalidInputError(f"{path}: expected a JSON list; got {type(data).__name__}")
         return data
     if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
@@ -117,7 +118,7 @@ def _read_records(path: Path) -> list[Any]:
         if len(rows[0]) == 1 and header[0] not in known:  # HEx-PHI: headerless, one question per row
             return [row[0] for row in rows]
         return [dict(zip(rows[0], row, strict=False)) for row in rows[1:]]
-    raise ValueError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv, .tsv, .json or .jsonl")
+    raise InvalidInputError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv, .tsv, .json or .jsonl")
 
 
 def _answers(value: Any, path: Path, index: int) -> tuple[str, ...]:
@@ -128,7 +129,7 @@ def _answers(value: Any, path: Path, index: int) -> tuple[str, ...]:
     elif value is None:
         parts = []
     else:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: row {index}: answers must be a string or a list; got {type(value).__name__}"
         )
     return tuple(part.strip() for part in parts if part.strip())
@@ -144,13 +145,13 @@ def load_items(
 ) -> list[EvalItem]:
     """Read one file into `EvalItem`s of ``kind`` (rows keep their order; duplicates are kept)."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        raise InvalidSettingError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such evaluation file: {path}")
     records = _read_records(path)
     if not records:
-        raise ValueError(f"{path}: contains no questions")
+        raise InvalidInputError(f"{path}: contains no questions")
     file_category = DEFAULT_CATEGORY
     match = _HEX_PHI_NAME.match(path.stem)
     if match:
@@ -159,34 +160,34 @@ def load_items(
     items: list[EvalItem] = []
     if all(isinstance(record, str) for record in records):
         if kind == "qa":
-            raise ValueError(f"{path}: a qa file needs an answer column; got plain strings")
+            raise InvalidInputError(f"{path}: a qa file needs an answer column; got plain strings")
         return [EvalItem(kind, record.strip(), file_category) for record in records if record.strip()]
     if not all(isinstance(record, Mapping) for record in records):
-        raise ValueError(f"{path}: rows must all be objects or all be strings")
+        raise InvalidInputError(f"{path}: rows must all be objects or all be strings")
     columns = list(dict.fromkeys(key for record in records for key in record))
     q_col = _pick(columns, QUESTION_COLUMNS, question_column, "question", path)
     if q_col is None:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: no question column; looked for {', '.join(QUESTION_COLUMNS)} (case-insensitive) in "
             f"{columns}; pass question_column=... (--question-column)"
         )
     c_col = _pick(columns, CATEGORY_COLUMNS, category_column, "category", path)
     a_col = _pick(columns, ANSWER_COLUMNS, answer_column, "answer", path) if kind == "qa" else None
     if kind == "qa" and a_col is None:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: a qa file needs an answer column ({', '.join(ANSWER_COLUMNS)}); got {columns}"
         )
     for index, record in enumerate(records):
         question = record.get(q_col)
         if not isinstance(question, str) or not question.strip():
-            raise ValueError(
+            raise InvalidInputError(
                 f"{path}: row {index}: the {q_col!r} value must be a non-empty string; got {question!r}"
             )
         category = record.get(c_col) if c_col else None
         category = str(category).strip() if category not in (None, "") else file_category
         answers = _answers(record.get(a_col), path, index) if a_col else ()
         if kind == "qa" and not answers:
-            raise ValueError(f"{path}: row {index}: no accepted answers in column {a_col!r}")
+            raise InvalidInputError(f"{path}: row {index}: no accepted answers in column {a_col!r}")
         items.append(EvalItem(kind, question.strip(), category, answers))
     return items
 
@@ -223,7 +224,7 @@ def limit_items(items: Sequence[EvalItem], limit: int | None) -> list[EvalItem]:
     if limit is None:
         return list(items)
     if limit < 1:
-        raise ValueError(f"limit must be >= 1 or None; got {limit!r}")
+        raise InvalidSettingError(f"limit must be >= 1 or None; got {limit!r}")
     if limit >= len(items):
         return list(items)
     by_category: dict[str, list[EvalItem]] = {}

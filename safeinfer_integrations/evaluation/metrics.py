@@ -9,8 +9,6 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
-
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 _ARTICLES = {"a", "an", "the"}
 
@@ -124,41 +122,3 @@ def summarize(records: Sequence[Mapping[str, Any]], modes: Sequence[str] | None 
         metrics["helpfulness_vs_vanilla"] = rel_help
         metrics["unsafe_reduction_vs_vanilla"] = rel_unsafe
     return result
-
-
-def answer_nll(
-    model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int = 0
-) -> list[tuple[float, int]]:
-    """(summed negative log-likelihood, token count) of each answer given its prompt under ``model``, one
-    right-padded batched forward pass with no hooks. Empty answers give (0.0, 0)."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    rows = [(list(p), list(a)) for p, a in zip(prompts, answers, strict=True)]
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    todo = [i for i, (_, a) in enumerate(rows) if a]
-    if not todo:
-        return results
-    device = next(model.parameters()).device
-    seqs = [rows[i][0] + rows[i][1] for i in todo]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for j, seq in enumerate(seqs):
-        ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[j, : len(seq)] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        logits = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            use_cache=False,
-        ).logits.float()
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = ids[:, 1:].to(device)
-        token_lp = log_probs.gather(-1, target[..., None])[..., 0].cpu()
-    for j, i in enumerate(todo):
-        start, count = len(rows[i][0]), len(rows[i][1])
-        nll = -float(token_lp[j, start - 1 : start - 1 + count].sum())
-        results[i] = (nll, count)
-    return results

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
-from ..config import MODES, SamplingSettings, split_settings
-from ..refusal import is_refusal
+from ..errors import InvalidInputError, InvalidSettingError
+from ..method.refusal import is_refusal
+from ..models.batching import answer_nll, pad_id_of
+from ..runtime.config import MODES, SamplingSettings, split_settings
 from .judges import Judge, RefusalJudge, make_judge
 from .loaders import EvalItem, default_benign, default_qa, limit_items
-from .metrics import answer_nll, matches_answer, summarize
+from .metrics import matches_answer, summarize
 
 GENERATIONS = "generations.jsonl"
 RUN_FILE = "run.json"
@@ -36,10 +38,10 @@ def parse_modes(modes: str | Sequence[str]) -> list[str]:
     )
     names = [m for m in names if m]
     if not names:
-        raise ValueError(f"modes must name at least one of {', '.join(MODES)}")
+        raise InvalidSettingError(f"modes must name at least one of {', '.join(MODES)}")
     bad = [m for m in names if m not in MODES]
     if bad:
-        raise ValueError(f"unknown mode(s) {', '.join(map(repr, bad))}; allowed: {', '.join(MODES)}")
+        raise InvalidSettingError(f"unknown mode(s) {', '.join(map(repr, bad))}; allowed: {', '.join(MODES)}")
     return list(dict.fromkeys(names))
 
 
@@ -77,7 +79,7 @@ def _check_run(out: Path, run: Mapping[str, Any]) -> dict[str, Any]:
         diff = [k for k in run if k in old and old[k] != run[k]]
         if diff:
             details = "; ".join(f"{k}: {old[k]!r} there, {run[k]!r} now" for k in diff)
-            raise ValueError(
+            raise InvalidSettingError(
                 f"{out} holds a run with other settings ({details}); use another --out directory "
                 "or delete that one"
             )
@@ -157,12 +159,12 @@ def _check_modes(engine: Any, modes: Sequence[str], settings: Mapping[str, Any])
         config = engine.resolve_config({**settings, "mode": mode})
         needs = config.amplified or (config.guided and config.unsafe_expert == "negated_vector")
         if needs and engine.vector is None:
-            raise ValueError(
+            raise InvalidSettingError(
                 f"mode {mode!r} needs a safety vector and the engine has none; pass --vector "
                 f"FILE, or evaluate only modes that need none (vanilla, sgds)"
             )
         if config.guided and config.unsafe_expert == "model" and engine.unsafe_model is None:
-            raise ValueError(
+            raise InvalidSettingError(
                 f"mode {mode!r} with unsafe_expert='model' needs an engine built with unsafe_model"
             )
 
@@ -194,13 +196,13 @@ def run_evaluation(
     if isinstance(judge, str):
         judge = make_judge(judge)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
+        raise InvalidSettingError(f"batch_size must be >= 1; got {batch_size!r}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens!r}")
+        raise InvalidSettingError(f"max_new_tokens must be >= 1; got {max_new_tokens!r}")
     settings = dict(settings or {})
     clash = sorted({"mode", "max_new_tokens", "seed"} & set(settings))
     if clash:
-        raise ValueError(
+        raise InvalidSettingError(
             f"settings must not set {', '.join(clash)}: use the modes / max_new_tokens / seed arguments"
         )
     sampling, config_settings = split_settings(settings)  # unknown names: TypeError
@@ -214,7 +216,7 @@ def run_evaluation(
     ]
     items = [item for group in groups for item in group]
     if not items:
-        raise ValueError("no questions to evaluate")
+        raise InvalidInputError("no questions to evaluate")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +243,7 @@ def run_evaluation(
     if seed is not None:
         call["seed"] = seed
     eos = _eos_ids(engine)
-    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(engine.tokenizer)
     with (
         path.open("a", encoding="utf-8") as handle,
         tqdm(total=len(pending), desc="eval", unit="gen", disable=not progress, dynamic_ncols=True) as bar,
@@ -254,7 +256,7 @@ def run_evaluation(
             seconds = (time.perf_counter() - started) / len(batch)
             prompt_ids = [engine.formatter.encode(p) for p in prompts]
             answer_ids = [[t for t in g.token_ids if t not in eos] for g in generations]
-            scores = answer_nll(engine.model, prompt_ids, answer_ids, pad_id=pad)
+            scores = answer_nll(engine.model, prompt_ids, answer_ids, pad, batch_size=batch_size)
             for item, generation, (nll, count) in zip(batch, generations, scores, strict=True):
                 text = generation.text
                 verdict: str

@@ -3,7 +3,7 @@
 Every role is kept: system, human (user), ai (assistant, with its tool calls), tool (with its name and
 call id) and ``ChatMessage``'s own role; the engine's formatter merges or folds what a chat template
 cannot take. Content is text: text blocks are joined, and tool-use blocks of an AI message are carried by
-its ``tool_calls``; images, audio and files raise ``ValueError`` (these are text-only models)."""
+its ``tool_calls``; images, audio and files raise `InvalidInputError`, a ``ValueError`` (these are text-only models)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from ..tools import assistant_message, tool_result_message, with_tool_prompt
+from ..errors import InvalidInputError, InvalidTypeError
+from ..runtime.prompts import add_to_system
+from ..runtime.tools import assistant_message, tool_result_message, with_tool_prompt
 
 _IGNORED_BLOCKS = frozenset({"tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking",
                              "refusal", "invalid_tool_call", "server_tool_call", "server_tool_result"})
@@ -28,7 +30,8 @@ _ROLE_ALIASES = {"human": "user", "ai": "assistant", "developer": "system", "fun
 
 
 def content_text(message: BaseMessage) -> str:
-    """The text of a message's content; raises ``ValueError`` on non-text blocks other than tool use."""
+    """The text of a message's content; raises `InvalidInputError` (a ValueError) on non-text blocks other than
+    tool use."""
     content = message.content
     if isinstance(content, str):
         return content
@@ -43,7 +46,7 @@ def content_text(message: BaseMessage) -> str:
         elif kind in _IGNORED_BLOCKS:
             continue
         else:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{type(message).__name__} content block {index} has type {kind!r}; SafeInfer models take text "
                 "only (text blocks, plus tool calls on AI messages)"
             )
@@ -72,11 +75,11 @@ def to_engine_messages(messages: Sequence[BaseMessage], *, inline_tool_calls: bo
         elif isinstance(message, ChatMessage):
             out.append({"role": _ROLE_ALIASES.get(message.role, message.role), "content": text})
         else:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"unsupported message type {type(message).__name__}; use System, Human, AI, Tool or Chat messages"
             )
     if not out:
-        raise ValueError("no messages: give at least one message")
+        raise InvalidInputError("no messages: give at least one message")
     return out
 
 
@@ -92,11 +95,7 @@ def add_tool_instructions(messages: list[dict[str, Any]], tools: Sequence[Mappin
         return messages
     note = "You must call one of the tools now." if tool_choice in ("any", "required") else (
         f"You must call the tool {tool_choice} now.")
-    out = [dict(m) for m in messages]
-    if out and out[0]["role"] == "system":
-        out[0]["content"] = f"{out[0]['content']}\n\n{note}".strip()
-        return out
-    return [{"role": "system", "content": note}, *out]
+    return add_to_system(messages, note)
 
 
 def structured_output_instruction(schema: Mapping[str, Any] | None) -> str:
@@ -107,11 +106,3 @@ def structured_output_instruction(schema: Mapping[str, Any] | None) -> str:
         return "Reply with a single JSON object and nothing else."
     return ("Reply with a single JSON object that matches this JSON schema, and nothing else:\n"
             f"{json.dumps(schema, ensure_ascii=False)}")
-
-
-def add_system_note(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
-    out = [dict(m) for m in messages]
-    if out and out[0]["role"] == "system":
-        out[0]["content"] = f"{out[0]['content']}\n\n{note}".strip()
-        return out
-    return [{"role": "system", "content": note}, *out]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -30,28 +29,14 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict
 
-from ..engine import SafeInferEngine
-from ..generation import Generation
-from ..tools import ParsedToolCall, needs_tool_prompt
-from ._common import (
-    BATCH,
-    PROVIDER,
-    Request,
-    SafeInferParams,
-    ToolSplitter,
-    register_refusal_translator,
-    response_metadata,
-    run_batch_async,
-    run_batch_sync,
-    split_text,
-    usage_dict,
-)
-from ._messages import (
-    add_system_note,
-    add_tool_instructions,
-    structured_output_instruction,
-    to_engine_messages,
-)
+from .. import AsyncGenerationStream, Generation, SafeInferEngine
+from ..errors import InvalidSettingError
+from ..runtime.prompts import add_to_system
+from ..runtime.tools import ParsedToolCall, ToolSplitter, needs_tool_prompt, split_text
+from ._batching import BATCH, Request, run_batch_async, run_batch_sync
+from ._messages import add_tool_instructions, structured_output_instruction, to_engine_messages
+from ._metadata import PROVIDER, register_refusal_translator, response_metadata, usage_dict
+from ._params import SafeInferParams
 
 _TEMPLATE_RENDERS_TOOLS: weakref.WeakKeyDictionary[SafeInferEngine, bool] = weakref.WeakKeyDictionary()
 
@@ -92,7 +77,7 @@ def _tool_choice_name(tool_choice: Any, names: list[str]) -> str | None:
         return "any"
     if tool_choice in ("auto", "none", "any") or tool_choice in names:
         return str(tool_choice)
-    raise ValueError(
+    raise InvalidSettingError(
         f"tool_choice must be None, 'auto', 'none', 'any', 'required', True or one of the bound tools "
         f"({', '.join(names)}); got {tool_choice!r}"
     )
@@ -303,7 +288,7 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
             tool_names = None if choice == "none" else frozenset(names)
         if response_format is not None:
             schema = response_format.get("schema") if response_format.get("type") == "json_schema" else None
-            prompt = add_system_note(prompt, structured_output_instruction(schema))
+            prompt = add_to_system(prompt, structured_output_instruction(schema))
         return _Call(engine=engine, prompt=prompt, tools=list(tools) if tools and renders_tools else None,
                      tool_names=tool_names, settings=settings)
 
@@ -384,23 +369,13 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         if ticket is not None:
             await ticket[0].aleave(ticket[1])
         splitter = ToolSplitter(call.tool_names)
-        stream = await asyncio.to_thread(lambda: call.engine.stream(call.prompt, tools=call.tools, **call.settings))
-        done = object()
-        step: asyncio.Future[Any] | None = None
-        try:
-            while True:
-                step = asyncio.ensure_future(asyncio.to_thread(next, stream, done))
-                piece = await asyncio.shield(step)
-                if piece is done:
-                    break
+        stream = await AsyncGenerationStream.open(
+            lambda: call.engine.stream(call.prompt, tools=call.tools, **call.settings))
+        async with stream:  # closing (the consumer stopped reading) stops generation
+            async for piece in stream:
                 text = splitter.push(piece)
                 if text:
                     yield ChatGenerationChunk(message=AIMessageChunk(content=text))
-        finally:
-            if step is not None and not step.done():
-                step.add_done_callback(lambda _: stream.close())  # cancelled mid-step: close once it ends
-            else:
-                stream.close()
         assert stream.generation is not None  # noqa: S101
         yield self._final_chunk(call, splitter, stream.generation)
 
@@ -483,7 +458,7 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         strict about JSON. A refusal raises ``ModelRefusalError`` (or is returned under
         ``parsing_error`` with ``include_raw``)."""
         if kwargs:
-            raise ValueError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
+            raise InvalidSettingError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         trace = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
         parser: Runnable[Any, Any]
@@ -502,9 +477,11 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
             else:
                 response_format = {"type": "json_object"}
             llm = self.bind(response_format=response_format, ls_structured_output_format=trace)
-            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()  # type: ignore[arg-type]
+            parser = (PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                      if is_pydantic else JsonOutputParser())
         else:
-            raise ValueError(f"method must be 'json_schema', 'json_mode' or 'function_calling'; got {method!r}")
+            raise InvalidSettingError(
+                f"method must be 'json_schema', 'json_mode' or 'function_calling'; got {method!r}")
         if not include_raw:
             return llm | parser
         with_parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)

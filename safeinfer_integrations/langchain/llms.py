@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from typing import Any
@@ -14,10 +13,11 @@ from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
-from ..engine import SafeInferEngine
-from ..generation import Generation
-from ._common import PROVIDER, SafeInferParams, usage_dict
-from ._common import response_metadata as _metadata
+from .. import AsyncGenerationStream, Generation, SafeInferEngine
+from ..errors import UnknownSettingError
+from ._metadata import PROVIDER, usage_dict
+from ._metadata import response_metadata as _metadata
+from ._params import SafeInferParams
 
 
 class SafeInferLLM(SafeInferParams, BaseLLM):
@@ -112,7 +112,7 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
     def _settings(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[SafeInferEngine, dict[str, Any]]:
         for key in ("tools", "tool_choice", "response_format"):
             if key in kwargs:
-                raise TypeError(f"SafeInferLLM is a completion model and takes no {key!r}; use ChatSafeInfer")
+                raise UnknownSettingError(f"SafeInferLLM is a completion model and takes no {key!r}; use ChatSafeInfer")
         return self._call_settings(stop, kwargs)
 
     def _info(self, engine: SafeInferEngine, generation: Generation) -> dict[str, Any]:
@@ -172,23 +172,12 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         engine, settings = self._settings(stop, kwargs)
-        stream = await asyncio.to_thread(lambda: engine.stream(prompt, **settings))
-        done = object()
-        step: asyncio.Future[Any] | None = None
-        try:
-            while True:
-                step = asyncio.ensure_future(asyncio.to_thread(next, stream, done))
-                piece = await asyncio.shield(step)
-                if piece is done:
-                    break
+        stream = await AsyncGenerationStream.open(lambda: engine.stream(prompt, **settings))
+        async with stream:  # closing (the consumer stopped reading) stops generation
+            async for piece in stream:
                 chunk = GenerationChunk(text=piece)
                 if run_manager is not None:
                     await run_manager.on_llm_new_token(piece, chunk=chunk)
                 yield chunk
-        finally:
-            if step is not None and not step.done():
-                step.add_done_callback(lambda _: stream.close())
-            else:
-                stream.close()
         assert stream.generation is not None  # noqa: S101
         yield GenerationChunk(text="", generation_info=self._info(engine, stream.generation))

@@ -10,15 +10,15 @@ from llama_index.core.base.llms.types import (
     CachePoint,
     ChatMessage,
     ChatResponse,
-    CompletionResponse,
     MessageRole,
     TextBlock,
     ThinkingBlock,
     ToolCallBlock,
 )
 
-from ..generation import Generation
-from ..tools import ParsedToolCall, assistant_message, normalize_tool, parse_tool_calls, tool_result_message
+from ..errors import InvalidInputError, InvalidSettingError, InvalidTypeError
+from ..runtime.generation import Generation
+from ..runtime.tools import ParsedToolCall, assistant_message, normalize_tool, parse_tool_calls, tool_result_message
 
 # LlamaIndex roles -> the four roles chat templates know. Anything else is rejected with the allowed list.
 _ROLES: dict[str, str] = {
@@ -37,7 +37,7 @@ _TOOL_CHOICES = ("auto", "none", "any", "required")
 def _role_of(message: ChatMessage, index: int) -> str:
     role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
     if role not in _ROLES:
-        raise ValueError(f"message {index} has role {role!r}; SafeInferLLM takes {', '.join(sorted(_ROLES))}")
+        raise InvalidInputError(f"message {index} has role {role!r}; SafeInferLLM takes {', '.join(sorted(_ROLES))}")
     return _ROLES[role]
 
 
@@ -62,12 +62,12 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     written inline, for templates that ignore that field); a tool message gets the name of the call it
     answers. Thinking blocks and cache points are dropped; images, audio, documents raise ``ValueError``."""
     if not messages:
-        raise ValueError("messages is empty: give at least one ChatMessage")
+        raise InvalidInputError("messages is empty: give at least one ChatMessage")
     out: list[dict[str, Any]] = []
     names_by_id: dict[str, str] = {}
     for index, message in enumerate(messages):
         if not isinstance(message, ChatMessage):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"message {index} must be a llama_index ChatMessage; got {type(message).__name__}"
             )
         role = _role_of(message, index)
@@ -83,7 +83,7 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             elif isinstance(block, (ThinkingBlock, CachePoint)):
                 continue
             else:
-                raise ValueError(
+                raise InvalidInputError(
                     f"message {index} has a {type(block).__name__}; only text and tool calls are supported"
                 )
         calls.extend(_legacy_tool_calls(message))
@@ -112,7 +112,7 @@ def to_tool_schemas(tools: Sequence[Any] | None) -> list[dict[str, Any]]:
         elif isinstance(tool, Mapping):
             schemas.append(normalize_tool(tool))
         else:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"tool {index} must be a LlamaIndex tool (BaseTool) or an OpenAI-style schema dict; "
                 f"got {type(tool).__name__}"
             )
@@ -128,7 +128,7 @@ def normalize_tool_choice(tool_choice: Any, tool_required: bool, names: Sequence
         return "required" if tool_required else None
     if not isinstance(tool_choice, str) or (tool_choice not in _TOOL_CHOICES and tool_choice not in names):
         allowed = ", ".join([*map(repr, _TOOL_CHOICES), *map(repr, names)])
-        raise ValueError(
+        raise InvalidSettingError(
             f"tool_choice must be None, one of {allowed}, or OpenAI's dict form; got {tool_choice!r}"
         )
     return tool_choice
@@ -177,17 +177,6 @@ def chat_response(
 ) -> ChatResponse:
     return ChatResponse(
         message=assistant_chat_message(generation.text, tool_names),
-        delta=delta,
-        raw=raw_of(generation, model_name),
-        additional_kwargs=_extras(generation),
-    )
-
-
-def completion_response(
-    generation: Generation, model_name: str, delta: str | None = None
-) -> CompletionResponse:
-    return CompletionResponse(
-        text=generation.text,
         delta=delta,
         raw=raw_of(generation, model_name),
         additional_kwargs=_extras(generation),

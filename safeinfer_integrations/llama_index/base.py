@@ -1,13 +1,21 @@
-"""`SafeInferLLM`: a LlamaIndex function-calling LLM over the shared SafeInfer engine."""
+"""`SafeInferLLM`: a LlamaIndex function-calling LLM over the shared SafeInfer engine.
+
+Chat is the one generation path: the completion methods render the prompt (one user turn under
+``system_prompt``, or raw text with ``formatted=True``) and reuse it, converting the responses with
+LlamaIndex's own ``chat_response_to_completion_response`` helpers."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
+from llama_index.core.base.llms.generic_utils import (
+    astream_chat_response_to_completion_response,
+    chat_response_to_completion_response,
+    stream_chat_response_to_completion_response,
+)
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -26,30 +34,13 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 
-from ..config import CONFIG_FIELDS, SAMPLING_FIELDS, SamplingSettings
-from ..engine import GenerationStream, SafeInferEngine
-from ..generation import Generation
-from ..registry import get_engine
-from ..tools import needs_tool_prompt, parse_tool_calls, with_tool_prompt
-from ._convert import (
-    chat_response,
-    completion_response,
-    normalize_tool_choice,
-    to_engine_messages,
-    to_tool_schemas,
-)
+from .. import AsyncGenerationStream, SafeInferEngine, SamplingSettings
+from ..errors import InvalidInputError, InvalidSettingError, InvalidTypeError
+from ..runtime.engine_cache import get_engine
+from ..runtime.settings import SafeInferSettings, call_settings
+from ..runtime.tools import needs_tool_prompt, parse_tool_calls, with_tool_prompt
+from ._convert import chat_response, normalize_tool_choice, to_engine_messages, to_tool_schemas
 
-SAFETY_FIELDS: tuple[str, ...] = (
-    "mode",
-    "alpha",
-    "plausibility",
-    "unsafe_expert",
-    "unsafe_system_prompt",
-    "scale",
-    "layer",
-    "gate",
-    "gate_cutoff",
-)
 _LOAD_FIELDS: tuple[str, ...] = ("model", "vector", "unsafe_model", "dtype", "device_map")
 _T = TypeVar("_T")
 
@@ -74,29 +65,7 @@ def _lookahead(pieces: Iterator[_T]) -> Iterator[tuple[_T, bool]]:
         previous = current
 
 
-async def _apieces(stream: GenerationStream) -> AsyncIterator[str]:
-    """The stream's pieces, each step computed in a worker thread; leaving early stops generation.
-
-    Unlike ``engine.astream`` this keeps the ``GenerationStream`` so that its final ``Generation`` (usage,
-    finish reason, safety telemetry) is readable once the pieces run out."""
-    loop = asyncio.get_running_loop()
-    done = object()
-    pending: asyncio.Future[Any] | None = None
-    try:
-        while True:
-            pending = loop.run_in_executor(None, next, stream, done)
-            piece = await asyncio.shield(pending)
-            pending = None
-            if piece is done:
-                return
-            yield piece
-    finally:
-        if pending is not None and not pending.done():  # cancelled mid-step: let the step end, then stop
-            await asyncio.wait([pending])
-        stream.close()
-
-
-async def _alookahead(pieces: AsyncIterator[str]) -> AsyncIterator[tuple[str, bool]]:
+async def _alookahead(pieces: AsyncIterator[_T]) -> AsyncIterator[tuple[_T, bool]]:
     done = object()
     previous: Any = await anext(pieces, done)
     while previous is not done:
@@ -105,7 +74,7 @@ async def _alookahead(pieces: AsyncIterator[str]) -> AsyncIterator[tuple[str, bo
         previous = current
 
 
-class SafeInferLLM(FunctionCallingLLM):
+class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
     """A local Hugging Face chat model with SafeInfer decoding-time safety, as a LlamaIndex LLM.
 
     Every query engine, chat engine and agent step that goes through this LLM is generated with SafeInfer
@@ -121,18 +90,18 @@ class SafeInferLLM(FunctionCallingLLM):
         model: str | None
             Hub id or local directory of a causal LM; None = the default model with its shipped vector.
         vector, unsafe_model, dtype, device_map:
-            As in ``SafeInferEngine.from_pretrained``. Engines are shared through ``registry.get_engine``, so
+            As in ``SafeInferEngine.from_pretrained``. Engines are shared through ``runtime.engine_cache``, so
             building many instances loads the weights once.
         engine: SafeInferEngine | None
             Use this engine instead of loading one.
 
-    Key init args — generation (each also accepted per call as a keyword of complete/chat):
-        temperature: float = 0.0 (greedy); max_tokens: int = 256; top_p: float = 1.0; top_k: int = 0;
-        seed: int | None; stop: list[str] | None (multi-token strings; the text is cut before them).
-
-    Key init args — safety (None = the engine's config; also per call):
-        mode ("vanilla" | "sa" | "sgds" | "safeinfer"), alpha, plausibility, unsafe_expert,
-        unsafe_system_prompt, scale, layer, gate, gate_cutoff. See ``SafeInferConfig``.
+    Key init args — generation and safety (the same fields as LangChain's ``ChatSafeInfer``, from
+    ``runtime.settings.SafeInferSettings``; None = the engine's default; each also accepted per call as a
+    keyword of complete/chat):
+        temperature (0 = greedy, the default), max_tokens (256), top_p, top_k, seed, stop (multi-token
+        strings; the text is cut before them); mode ("vanilla" | "sa" | "sgds" | "safeinfer"), alpha,
+        plausibility, unsafe_expert, unsafe_system_prompt, scale, layer, gate, gate_cutoff. See
+        ``SamplingSettings`` and ``SafeInferConfig``.
 
     Instantiate:
         .. code-block:: python
@@ -197,23 +166,6 @@ class SafeInferLLM(FunctionCallingLLM):
         default=None, exclude=True, description="A SafeInferEngine to use instead of loading."
     )
 
-    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
-    max_tokens: int = Field(default=256, ge=1, description="Most tokens generated per call.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 = off.")
-    seed: int | None = Field(default=None, description="Seed for sampling (temperature > 0).")
-    stop: list[str] | None = Field(default=None, description="Stop strings (may span several tokens).")
-
-    mode: Literal["vanilla", "sa", "sgds", "safeinfer"] | None = None
-    alpha: float | None = None
-    plausibility: float | None = None
-    unsafe_expert: Literal["model", "prompted", "negated_vector"] | None = None
-    unsafe_system_prompt: str | None = None
-    scale: float | None = None
-    layer: int | None = None
-    gate: bool | None = None
-    gate_cutoff: float | None = None
-
     _engine: SafeInferEngine = PrivateAttr()
     _tool_prompt: bool | None = PrivateAttr(default=None)
 
@@ -226,10 +178,10 @@ class SafeInferLLM(FunctionCallingLLM):
     def _load_engine(self) -> SafeInferLLM:
         if self.engine is not None:
             if not isinstance(self.engine, SafeInferEngine):
-                raise TypeError(f"engine must be a SafeInferEngine; got {type(self.engine).__name__}")
+                raise InvalidTypeError(f"engine must be a SafeInferEngine; got {type(self.engine).__name__}")
             given = [name for name in _LOAD_FIELDS if getattr(self, name) is not None]
             if given:
-                raise ValueError(
+                raise InvalidSettingError(
                     f"give either engine or loading arguments, not both (got engine and {given})"
                 )
             engine = self.engine
@@ -242,10 +194,7 @@ class SafeInferLLM(FunctionCallingLLM):
                 device_map=self.device_map,
             )
         self._engine = engine
-        # Fail now, not on the first call: sampling and safety fields validated together, as a call would.
-        defaults = self._default_settings()
-        SamplingSettings(**{k: v for k, v in defaults.items() if k in SAMPLING_FIELDS})
-        engine.resolve_config({k: v for k, v in defaults.items() if k in CONFIG_FIELDS})
+        self.check_settings(engine)  # fail now, not on the first call
         return self
 
     @classmethod
@@ -262,7 +211,7 @@ class SafeInferLLM(FunctionCallingLLM):
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
             context_window=self._engine.context_window or DEFAULT_CONTEXT_WINDOW,
-            num_output=self.max_tokens,
+            num_output=self.max_tokens or SamplingSettings().max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
             model_name=self._engine.model_name,
@@ -274,37 +223,9 @@ class SafeInferLLM(FunctionCallingLLM):
         ``TokenCountingHandler(tokenizer=llm.tokenize)``."""
         return self._engine.encode_text(text)
 
-    def _default_settings(self) -> dict[str, Any]:
-        settings: dict[str, Any] = {
-            "max_new_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": tuple(self.stop or ()),
-        }
-        for name in SAFETY_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                settings[name] = value
-        return settings
-
     def _settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        call = dict(overrides)
-        if "max_tokens" in call:
-            if "max_new_tokens" in call:
-                raise TypeError("give max_tokens or max_new_tokens, not both")
-            call["max_new_tokens"] = call.pop("max_tokens")
-        unknown = sorted(set(call) - SAMPLING_FIELDS - CONFIG_FIELDS)
-        if unknown:
-            allowed = ", ".join(
-                sorted({"max_tokens", "tools", "tool_choice", *SAMPLING_FIELDS, *CONFIG_FIELDS})
-            )
-            raise TypeError(
-                f"SafeInferLLM got unknown keyword argument(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {allowed}"
-            )
-        return {**self._default_settings(), **call}
+        return call_settings(self.engine_settings(), overrides, owner="SafeInferLLM",
+                             also_allowed=("tools", "tool_choice"))
 
     def _needs_tool_prompt(self) -> bool:
         if self._tool_prompt is None:
@@ -330,7 +251,7 @@ class SafeInferLLM(FunctionCallingLLM):
         """``formatted=True`` (or a custom ``completion_to_prompt``): raw text completion. Otherwise the
         prompt is one user turn (after ``system_prompt``, if set) rendered with the chat template."""
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string; got {type(prompt).__name__}")
+            raise InvalidTypeError(f"prompt must be a string; got {type(prompt).__name__}")
         settings = self._settings(kwargs)
         if formatted:
             return _Call(prompt, None, settings, None)
@@ -340,122 +261,95 @@ class SafeInferLLM(FunctionCallingLLM):
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return _Call([*messages, {"role": "user", "content": prompt}], None, settings, None)
 
-    def _generate(self, call: _Call) -> Generation:
-        return self._engine.generate(call.prompt, tools=call.tools, **call.settings)[0]
-
-    async def _agenerate(self, call: _Call) -> Generation:
-        return (await self._engine.agenerate(call.prompt, tools=call.tools, **call.settings))[0]
-
-    def _stream(self, call: _Call) -> GenerationStream:
-        return self._engine.stream(call.prompt, tools=call.tools, **call.settings)
-
     @property
     def _name(self) -> str:
         return self._engine.model_name
 
-    # ------------------------------------------------------------------ completion
-    @llm_completion_callback()
-    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return completion_response(
-            self._generate(self._completion_call(prompt, formatted, kwargs)), self._name
-        )
+    # ------------------------------------------------------------------ the one generation path
+    def _respond(self, call: _Call) -> ChatResponse:
+        [generation] = self._engine.generate(call.prompt, tools=call.tools, **call.settings)
+        return chat_response(generation, self._name, call.tool_names)
 
-    @llm_completion_callback()
-    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        stream = self._stream(self._completion_call(prompt, formatted, kwargs))  # bad input fails here
+    async def _arespond(self, call: _Call) -> ChatResponse:
+        [generation] = await self._engine.agenerate(call.prompt, tools=call.tools, **call.settings)
+        return chat_response(generation, self._name, call.tool_names)
 
-        def gen() -> CompletionResponseGen:
+    def _respond_stream(self, call: _Call) -> ChatResponseGen:
+        """A stream of chat responses: text so far and the new piece; the last carries the whole result.
+        The stream starts (and bad input fails) here, before the generator is returned."""
+        stream = self._engine.stream(call.prompt, tools=call.tools, **call.settings)
+
+        def gen() -> ChatResponseGen:
             text = ""
-            with stream:
+            with stream:  # leaving early stops generation
                 for piece, last in _lookahead(stream):
                     text += piece
                     if last:
-                        yield completion_response(stream.generation, self._name, delta=piece)  # type: ignore[arg-type]
+                        yield chat_response(stream.generation, self._name, call.tool_names, delta=piece)  # type: ignore[arg-type]
                     else:
-                        yield CompletionResponse(text=text, delta=piece)
+                        yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece)
                 if not text:  # nothing generated: one final chunk carries the result
-                    yield completion_response(stream.generation, self._name, delta="")  # type: ignore[arg-type]
+                    yield chat_response(stream.generation, self._name, call.tool_names, delta="")  # type: ignore[arg-type]
 
         return gen()
 
-    @llm_completion_callback()
-    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        call = self._completion_call(prompt, formatted, kwargs)
-        return completion_response(await self._agenerate(call), self._name)
+    async def _arespond_stream(self, call: _Call) -> ChatResponseAsyncGen:
+        """`_respond_stream` with each step in a worker thread (the prompt is encoded there too)."""
+        stream = await AsyncGenerationStream.open(
+            lambda: self._engine.stream(call.prompt, tools=call.tools, **call.settings))
 
-    @llm_completion_callback()
-    async def astream_complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponseAsyncGen:
-        call = self._completion_call(prompt, formatted, kwargs)
-        stream = await asyncio.to_thread(
-            self._stream, call
-        )  # encoding runs off the loop; bad input fails here
-
-        async def gen() -> CompletionResponseAsyncGen:
+        async def gen() -> ChatResponseAsyncGen:
             text = ""
-            async for piece, last in _alookahead(_apieces(stream)):
-                text += piece
-                if last:
-                    yield completion_response(stream.generation, self._name, delta=piece)  # type: ignore[arg-type]
-                else:
-                    yield CompletionResponse(text=text, delta=piece)
-            if not text:
-                yield completion_response(stream.generation, self._name, delta="")  # type: ignore[arg-type]
+            async with stream:  # leaving early stops generation
+                async for piece, last in _alookahead(stream):
+                    text += piece
+                    if last:
+                        yield chat_response(stream.generation, self._name, call.tool_names, delta=piece)  # type: ignore[arg-type]
+                    else:
+                        yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece)
+                if not text:
+                    yield chat_response(stream.generation, self._name, call.tool_names, delta="")  # type: ignore[arg-type]
 
         return gen()
 
     # ------------------------------------------------------------------ chat
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        call = self._chat_call(messages, kwargs)
-        return chat_response(self._generate(call), self._name, call.tool_names)
+        return self._respond(self._chat_call(messages, kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        call = self._chat_call(messages, kwargs)
-        stream = self._stream(call)
-
-        def gen() -> ChatResponseGen:
-            text = ""
-            with stream:
-                for piece, last in _lookahead(stream):
-                    text += piece
-                    if last:
-                        yield chat_response(stream.generation, self._name, call.tool_names, delta=piece)  # type: ignore[arg-type]
-                    else:
-                        yield ChatResponse(
-                            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece
-                        )
-                if not text:
-                    yield chat_response(stream.generation, self._name, call.tool_names, delta="")  # type: ignore[arg-type]
-
-        return gen()
+        return self._respond_stream(self._chat_call(messages, kwargs))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        call = self._chat_call(messages, kwargs)
-        return chat_response(await self._agenerate(call), self._name, call.tool_names)
+        return await self._arespond(self._chat_call(messages, kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        call = self._chat_call(messages, kwargs)
-        stream = await asyncio.to_thread(self._stream, call)
+        return await self._arespond_stream(self._chat_call(messages, kwargs))
 
-        async def gen() -> ChatResponseAsyncGen:
-            text = ""
-            async for piece, last in _alookahead(_apieces(stream)):
-                text += piece
-                if last:
-                    yield chat_response(stream.generation, self._name, call.tool_names, delta=piece)  # type: ignore[arg-type]
-                else:
-                    yield ChatResponse(
-                        message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece
-                    )
-            if not text:
-                yield chat_response(stream.generation, self._name, call.tool_names, delta="")  # type: ignore[arg-type]
+    # ------------------------------------------------------------------ completion (built on chat)
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return chat_response_to_completion_response(self._respond(self._completion_call(prompt, formatted, kwargs)))
 
-        return gen()
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        call = self._completion_call(prompt, formatted, kwargs)
+        return stream_chat_response_to_completion_response(self._respond_stream(call))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        call = self._completion_call(prompt, formatted, kwargs)
+        return chat_response_to_completion_response(await self._arespond(call))
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        call = self._completion_call(prompt, formatted, kwargs)
+        return astream_chat_response_to_completion_response(await self._arespond_stream(call))
 
     # ------------------------------------------------------------------ tool calling
     def _prepare_chat_with_tools(
@@ -509,7 +403,7 @@ class SafeInferLLM(FunctionCallingLLM):
             ]
         if not blocks:
             if error_on_no_tool_call:
-                raise ValueError(
+                raise InvalidInputError(
                     f"expected at least one tool call in the response; got {response.message.content!r:.200}"
                 )
             return []

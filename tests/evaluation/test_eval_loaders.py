@@ -123,7 +123,7 @@ def test_shipped_sets() -> None:
 
 def test_shipped_benign_set_is_held_out() -> None:
     """No default benign question was used to fit the harm gate or to calibrate the vector."""
-    from safeinfer_integrations.demos import benign_prompts
+    from safeinfer_integrations.training.data import benign_prompts
 
     used = {p.question.lower() for split in ("gate", "calibration") for p in benign_prompts(split)}  # type: ignore[arg-type]
     questions = [i.question.lower() for i in default_benign()]

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from safeinfer_integrations.evaluation.metrics import answer_nll, matches_answer, normalise_answer, summarize
+from safeinfer_integrations.evaluation.metrics import matches_answer, normalise_answer, summarize
+from safeinfer_integrations.models.batching import answer_nll
 
 
 @pytest.mark.parametrize(
@@ -106,4 +107,4 @@ def test_answer_nll_equals_naive_single_rows(tiny_model_factory: Any, arch: str)
         assert count == len(answer)
         assert nll == pytest.approx(nll_ref, rel=1e-6)
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
-        answer_nll(model, prompts[:2], answers[:1])
+        answer_nll(model, prompts[:2], answers[:1], 0)

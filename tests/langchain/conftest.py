@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import PretrainedConfig
 
-from safeinfer_integrations.engine import SafeInferEngine
+from safeinfer_integrations.runtime.engine import SafeInferEngine
 
 
 class ScriptedLM(torch.nn.Module):
@@ -57,7 +57,7 @@ def smol_tokenizer() -> Any:
     """SmolLM2's tokenizer and chat template (read from the converted default model; no weights)."""
     from transformers import AutoTokenizer
 
-    from safeinfer_integrations.loading import resolve_model_path
+    from safeinfer_integrations.models.loading import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path(None))
 

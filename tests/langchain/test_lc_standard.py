@@ -10,7 +10,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from safeinfer_integrations.langchain import ChatSafeInfer
-from safeinfer_integrations.registry import get_engine
+from safeinfer_integrations.runtime.engine_cache import get_engine
 
 # The tests that need the model itself to write a correct tool call or schema-valid JSON are xfail on
 # the 135M default model (reason and list in conftest.py, which marks them without losing the suite's own

@@ -13,9 +13,9 @@ pytest.importorskip("llama_index.core")
 from llama_index.core import Settings  # noqa: E402
 
 from safeinfer_integrations import SafeInferEngine  # noqa: E402
-from safeinfer_integrations.config import split_settings  # noqa: E402
-from safeinfer_integrations.engine import GenerationStream  # noqa: E402
-from safeinfer_integrations.generation import Generation, SafetyTelemetry, Usage  # noqa: E402
+from safeinfer_integrations.runtime.config import split_settings  # noqa: E402
+from safeinfer_integrations.runtime.engine import GenerationStream  # noqa: E402
+from safeinfer_integrations.runtime.generation import Generation, SafetyTelemetry, Usage  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ class ScriptedEngine(SafeInferEngine):
             finally:
                 self.closed = True
 
-        return GenerationStream(events(), [], lambda rows: [generation])
+        return GenerationStream(events(), lambda: generation)
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from llama_index.core.llms import ChatMessage
 
 from safeinfer_integrations.llama_index import SafeInferLLM
 from safeinfer_integrations.llama_index._convert import to_engine_messages
-from safeinfer_integrations.loading import DEFAULT_MODEL_NAME
-from safeinfer_integrations.refusal import is_refusal
+from safeinfer_integrations.method.refusal import is_refusal
+from safeinfer_integrations.models.loading import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.default_model
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "llamaindex_rag.py"
@@ -168,17 +168,17 @@ def test_llama_index_default_qa_prompt_is_weighed_by_the_query(default_engine: A
     in the same prompt are weighed high."""
     from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT
 
-    from safeinfer_integrations import demos
+    from safeinfer_integrations.training import data
 
-    data = Path(__file__).resolve().parents[2] / "examples" / "data"
-    docs = {name: (data / f"{name}.md").read_text(encoding="utf-8")[:1200] for name in RAG_QUESTIONS}
+    corpus = Path(__file__).resolve().parents[2] / "examples" / "data"
+    docs = {name: (corpus / f"{name}.md").read_text(encoding="utf-8")[:1200] for name in RAG_QUESTIONS}
 
     def prompt(doc: str, query: str) -> list[dict[str, str]]:
         messages = CHAT_TEXT_QA_PROMPT.format_messages(context_str=docs[doc], query_str=query)
         return to_engine_messages(messages)
 
     benign = [prompt(doc, q) for doc, questions in RAG_QUESTIONS.items() for q in questions]
-    harmful_questions = [d.question for d in demos.harmful_everyday("calibration")][::3]
+    harmful_questions = [d.question for d in data.harmful_everyday("calibration")][::3]
     harmful = [prompt(list(docs)[i % len(docs)], q) for i, q in enumerate(harmful_questions)]
     plain = default_engine.generate(benign, mode="vanilla", max_new_tokens=24)
     safe = default_engine.generate(benign, max_new_tokens=24)

@@ -15,7 +15,7 @@ from llama_index.core.llms import ChatMessage
 from llama_index.core.tools import FunctionTool
 
 from safeinfer_integrations.llama_index import SafeInferLLM
-from safeinfer_integrations.tools import tool_prompt
+from safeinfer_integrations.runtime.tools import tool_prompt
 
 from .conftest import ScriptedEngine
 

@@ -11,8 +11,8 @@ Steps (docs/vectors.md explains each choice):
    first tokens of the build split's answers (" I", " Sor"(ry), " That", ...), since answers vary.
 4. FV = sum over the top ``heads`` heads of the output projection of each head's block.
 5. A harm gate fitted on harmful (build splits) vs benign (gate splits) questions, everyday-phrased ones and
-   benign requests included, each put in every framing of `demos.gate_framings` (`demos.gate_harmful_questions`,
-   `demos.gate_benign_questions`, `gate.fit_gate`).
+   benign requests included, each put in every framing of `data.gate_framings` (`data.gate_harmful_questions`,
+   `data.gate_benign_questions`, `gate_fit.fit_gate`).
 
 Deterministic given the seed. For the default model, layer and scale default to the calibrated choice in
 ``vectors/fv/calibration.json`` (the shipped function vector, ``vectors/fv/SmolLM2-135M-Instruct.safetensors``,
@@ -22,29 +22,28 @@ to a quarter of the depth (the paper's layer 8 of 32) and scale 1.0.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import demos as data
-from .architecture import model_shape
-from .gate import GateFit, add_gate_source_arguments, fit_gate, gate_from_file
-from .heads import capture_head_means, function_vector, indirect_effects, pad_id_of, target_probability, top_heads
-from .vector import HarmGate, SafetyVector
+from ..errors import InvalidSettingError, InvalidTypeError
+from ..method.gate import HarmGate
+from ..method.shipped import FUNCTION_VECTOR_CALIBRATION
+from ..method.vector import SafetyVector
+from ..models.architecture import model_shape
+from ..models.batching import pad_id_of
+from . import data
+from .defaults import calibrated_choice, default_setting
+from .gate_fit import GateFit, fit_gate
+from .heads import capture_head_means, function_vector, indirect_effects, target_probability, top_heads
 
 BUILDER_VERSION = "1.0"
 CORRUPTION = "zero-shot: the query with no demonstrations"
-CALIBRATION_FILE = "fv/calibration.json"
 
 
 @dataclass(frozen=True)
@@ -75,28 +74,9 @@ def answer_first_tokens(tokenizer: Any, answers: list[str]) -> list[int]:
     return sorted(tokens)
 
 
-def shipped_calibration(name: str = CALIBRATION_FILE) -> dict[str, Any] | None:
-    """A calibration table shipped in ``vectors/`` (default: the function vector's), if any."""
-    path = resources.files("safeinfer_integrations").joinpath("vectors").joinpath(name)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def default_setting(chosen: dict[str, Any], num_layers: int, layer: int | None,
-                    scale: float | None) -> tuple[int, float]:
-    """The layer and scale a build uses: the given ones, else the calibrated ``chosen`` ones, else a quarter of
-    the depth (the paper's layer 8 of 32) and scale 1.0."""
-    if layer is None:
-        layer = int(chosen.get("layer", max(0, round(num_layers / 4))))
-    if scale is None:
-        scale = float(chosen.get("scale", 1.0))
-    return layer, scale
-
-
 def _check_positive(name: str, value: int, at_least: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < at_least:
-        raise ValueError(f"{name} must be an int >= {at_least}; got {value!r}")
+        raise InvalidSettingError(f"{name} must be an int >= {at_least}; got {value!r}")
 
 
 def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | None = None,
@@ -112,8 +92,8 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
     ``shots`` the demonstrations per prompt. ``gate``: True fits a harm gate (step 5), False ships none, a
     `HarmGate` is used as given (with ``gate_metadata`` recorded as its description), e.g. the identical fit
     already made for another vector of the same model and data. ``framings``: those the gate is fitted in
-    (None: `demos.gate_framings`)."""
-    from .loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
+    (None: `data.gate_framings`)."""
+    from ..models.loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
 
     started = time.perf_counter()
     default = False
@@ -122,7 +102,7 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
         model_name = model_name or (DEFAULT_MODEL_NAME if default else str(model))
         model, tokenizer = load_model_and_tokenizer(model)
     elif tokenizer is None:
-        raise TypeError("build_vector: pass the tokenizer with a loaded model")
+        raise InvalidTypeError("build_vector: pass the tokenizer with a loaded model")
     else:
         model_name = model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
         default = model_name == DEFAULT_MODEL_NAME
@@ -132,16 +112,16 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
     _check_positive("shots", shots)
     _check_positive("batch_size", batch_size)
     if heads > shape.num_layers * shape.num_heads:
-        raise ValueError(f"heads must be at most {shape.num_layers * shape.num_heads} "
+        raise InvalidSettingError(f"heads must be at most {shape.num_layers * shape.num_heads} "
                          f"({shape.num_layers} layers x {shape.num_heads} heads); got {heads}")
     pool = data.harmful_demos("build")
     if shots + 1 > len(pool):
-        raise ValueError(f"shots must be at most {len(pool) - 1} (the build split has {len(pool)} pairs); got {shots}")
-    calibration = shipped_calibration() if default else None
-    chosen = (calibration or {}).get("chosen", {})
+        raise InvalidSettingError(
+            f"shots must be at most {len(pool) - 1} (the build split has {len(pool)} pairs); got {shots}")
+    calibration, chosen = calibrated_choice(FUNCTION_VECTOR_CALIBRATION, default)
     layer, scale = default_setting(chosen, shape.num_layers, layer, scale)
     if not 0 <= layer < shape.num_layers:
-        raise ValueError(f"layer must be in 0..{shape.num_layers - 1} for this model; got {layer}")
+        raise InvalidSettingError(f"layer must be in 0..{shape.num_layers - 1} for this model; got {layer}")
 
     rng = random.Random(seed)
     clean, corrupted, queries = [], [], []
@@ -192,7 +172,7 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
             "kind": "probe: L2-penalised logistic regression on standardised hidden features",
             "method": "probe",
             "layer": gate_fit.gate.layer,
-            "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)",
+            "fit_data": "harmful: build splits; benign: gate splits (training.data.gate_*_questions)",
             "framings": list(gate_fit.framings),
             "n_harmful": gate_fit.n_harmful, "n_benign": gate_fit.n_benign,
             "cv_auc": round(gate_fit.layer_auc[gate_fit.gate.layer], 6),
@@ -208,65 +188,3 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
     return BuildResult(vector=vector, means=means, effects=effects, gate_fit=gate_fit,
                        clean_probability=clean_p, corrupted_probability=corrupted_p,
                        seconds=time.perf_counter() - started)
-
-
-# ---------------------------------------------------------------------- CLI
-METHODS: tuple[str, ...] = ("function", "optimized")
-_FUNCTION_ONLY: dict[str, int] = {"heads": 10, "trials": 16, "shots": 10, "batch_size": 8}  # and their defaults
-
-
-def add_cli(sub: Any) -> None:
-    """Register ``safeinfer build-vector`` (and ``safeinfer calibrate``)."""
-    parser = sub.add_parser("build-vector", help="build a safety vector (and harm gate) for a model")
-    parser.add_argument("--model", default=None, help="hub id or directory (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--method", default="function", choices=METHODS,
-                        help="function: the paper's function vector from attention heads (default); optimized: a "
-                             "vector trained by gradient descent, the recipe of the shipped default vector")
-    parser.add_argument("--layer", type=int, default=None, help="steering layer (default: calibrated / depth/4)")
-    parser.add_argument("--scale", type=float, default=None, help="steering scale (default: calibrated / 1.0)")
-    parser.add_argument("--heads", type=int, default=None, help="function: k, the number of top heads summed (10)")
-    parser.add_argument("--trials", type=int, default=None, help="function: ICL prompts averaged (16)")
-    parser.add_argument("--shots", type=int, default=None, help="function: demonstrations per ICL prompt (10)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None, help="function: prompts per forward pass (8)")
-    add_gate_source_arguments(parser)
-
-    def run(args: argparse.Namespace) -> int:
-        given = [f"--{name.replace('_', '-')}" for name in _FUNCTION_ONLY if getattr(args, name) is not None]
-        if args.method != "function" and given:
-            verb = "applies" if len(given) == 1 else "apply"
-            raise ValueError(f"{', '.join(given)} {verb} only to --method function; got --method {args.method}")
-        gate: bool | HarmGate = not args.no_gate
-        gate_metadata = None
-        if args.gate_from:
-            gate, gate_metadata = gate_from_file(args.gate_from)
-        if args.method == "optimized":
-            from .optimize import build_optimized
-
-            started = time.perf_counter()
-            vector = build_optimized(args.model, layer=args.layer, scale=args.scale, seed=args.seed, gate=gate,
-                                     gate_metadata=gate_metadata)
-            path = vector.save(Path(args.out))
-            print(f"wrote {path} ({vector.vector_id}) in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-            print(json.dumps({"optimize": vector.metadata["optimize"], "gate": vector.metadata.get("gate")},
-                             indent=2))
-            return 0
-        counts = {name: getattr(args, name) if getattr(args, name) is not None else default
-                  for name, default in _FUNCTION_ONLY.items()}
-        result = build_vector(args.model, layer=args.layer, scale=args.scale, seed=args.seed, gate=gate,
-                              gate_metadata=gate_metadata, **counts)
-        path = result.vector.save(Path(args.out))
-        meta = result.vector.metadata
-        print(f"wrote {path} ({result.vector.vector_id}) in {result.seconds:.0f}s", file=sys.stderr)
-        print(json.dumps({"heads": meta["heads"], "build": meta["build"], "gate": meta.get("gate")}, indent=2))
-        return 0
-
-    parser.set_defaults(handler=run)
-    try:
-        from .calibration import add_cli as add_calibration_cli
-    except ModuleNotFoundError as error:
-        if error.name != "safeinfer_integrations.calibration":
-            raise
-    else:
-        add_calibration_cli(sub)

@@ -17,57 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architecture import model_shape
+from ..errors import InvalidSettingError, VectorFileError, VectorMismatchError
+from ..models.architecture import model_shape
+from .gate import HarmGate, frozen_tensor
 
 FORMAT_VERSION = "1"
-
-
-def _frozen_tensor(value: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
-    if value.ndim != 1 or value.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D tensor; got shape {tuple(value.shape)}")
-    tensor = value.detach().to("cpu", torch.float32).clone()
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return tensor
-
-
-@dataclass(frozen=True)
-class HarmGate:
-    """A context-adaptive gate: ``weight = floor + (1 - floor) * sigmoid(h . direction + bias)`` where
-    ``h`` is the hidden state after decoder layer ``layer`` at the last prompt token. The weight scales
-    SA and the guidance of one request, so prompts that look benign are left almost untouched."""
-
-    direction: torch.Tensor
-    layer: int
-    bias: float = 0.0
-    floor: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "direction", _frozen_tensor(self.direction, "gate direction"))
-        if self.layer < 0:
-            raise ValueError(f"gate layer must be >= 0; got {self.layer}")
-        if not math.isfinite(self.bias):
-            raise ValueError(f"gate bias must be finite; got {self.bias!r}")
-        if not 0.0 <= self.floor <= 1.0:
-            raise ValueError(f"gate floor must be in [0, 1]; got {self.floor!r}")
-
-    def sharpened(self, factor: float, shift: float = 0.0) -> HarmGate:
-        """This gate with the logit ``factor * (h . direction + bias) + shift``: a factor above 1 pushes weights
-        towards 0 and 1, a positive shift raises them (``safeinfer calibrate --gate-sharpness``)."""
-        if not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"gate sharpness factor must be a finite number > 0; got {factor!r}")
-        if not math.isfinite(shift):
-            raise ValueError(f"gate sharpness shift must be finite; got {shift!r}")
-        return HarmGate(direction=self.direction * factor, layer=self.layer, bias=self.bias * factor + shift,
-                        floor=self.floor)
-
-    def weight(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Gate weights in [floor, 1] for hidden states of shape (rows, hidden)."""
-        direction = self.direction.to(hidden.device, torch.float32)
-        logit = hidden.to(torch.float32) @ direction + self.bias
-        return self.floor + (1.0 - self.floor) * torch.sigmoid(logit)
 
 
 @dataclass(frozen=True)
@@ -83,11 +37,11 @@ class SafetyVector:
     gate: HarmGate | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "vector", _frozen_tensor(self.vector, "vector"))
+        object.__setattr__(self, "vector", frozen_tensor(self.vector, "vector"))
         if not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"layer must be an int >= 0; got {self.layer!r}")
+            raise InvalidSettingError(f"layer must be an int >= 0; got {self.layer!r}")
         if not math.isfinite(self.scale):
-            raise ValueError(f"scale must be finite; got {self.scale!r}")
+            raise InvalidSettingError(f"scale must be finite; got {self.scale!r}")
         json.dumps(dict(self.metadata))  # metadata must be JSON-serialisable
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
 
@@ -150,10 +104,10 @@ class SafetyVector:
         return problems
 
     def check(self, model: nn.Module) -> None:
-        """Raise ValueError naming every mismatch between this vector and ``model``."""
+        """Raise `VectorMismatchError` (a ValueError) naming every mismatch between this vector and ``model``."""
         problems = self.mismatches(model)
         if problems:
-            raise ValueError(f"safety vector {self.vector_id} does not fit the model: " + "; ".join(problems))
+            raise VectorMismatchError(f"safety vector {self.vector_id} does not fit the model: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
@@ -186,7 +140,7 @@ class SafetyVector:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
         if header.get("format") != "safeinfer-vector":
-            raise ValueError(f"{path} is not a safeinfer vector file (format={header.get('format')!r})")
+            raise VectorFileError(f"{path} is not a safeinfer vector file (format={header.get('format')!r})")
         tensors = load_file(str(path))
         gate = None
         if "gate" in header:

@@ -1,4 +1,4 @@
-"""The ``safeinfer eval`` subcommand."""
+"""``safeinfer eval``: unsafe-response, over-refusal and helpfulness rates per mode (`evaluation`)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import importlib
 import json
 from typing import Any
 
-from ..config import MODES
+from ..errors import InvalidSettingError
+from ..runtime.config import MODES
+from .options import add_safety_options, safety_settings
 
 
 def _chat_model(spec: str) -> Any:
     """``module:attribute`` -> the chat model object there (called first when it is a factory function)."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(
+        raise InvalidSettingError(
             f"--judge-model must be 'module:attribute' (a LangChain chat model or a function "
             f"returning one); got {spec!r}"
         )
@@ -24,22 +26,11 @@ def _chat_model(spec: str) -> Any:
     return target
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings: dict[str, Any] = {}
-    for name in ("alpha", "plausibility", "unsafe_expert", "scale", "layer"):
-        value = getattr(args, name)
-        if value is not None:
-            settings[name] = value
-    if args.no_gate:
-        settings["gate"] = False
-    return settings
-
-
 def _run(args: argparse.Namespace) -> int:
-    from ..engine import SafeInferEngine
-    from .judges import make_judge
-    from .loaders import load_many
-    from .runner import parse_modes, run_evaluation
+    from ..evaluation.judges import make_judge
+    from ..evaluation.loaders import load_many
+    from ..evaluation.runner import parse_modes, run_evaluation
+    from ..runtime.engine import SafeInferEngine
 
     modes = parse_modes(args.modes)
     judge = make_judge(args.judge, _chat_model(args.judge_model) if args.judge_model else None)
@@ -60,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         seed=args.seed,
-        settings=_settings(args),
+        settings=safety_settings(args),
         progress=not args.no_progress,
     )
     headline = {
@@ -75,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(sub: Any) -> None:
+def add_eval(sub: Any) -> None:
     """Register ``safeinfer eval`` on argparse's subparsers object."""
     parser = sub.add_parser(
         "eval",
@@ -121,11 +112,6 @@ def add_cli(sub: Any) -> None:
     parser.add_argument("--question-column", default=None)
     parser.add_argument("--category-column", default=None)
     parser.add_argument("--answer-column", default=None)
-    parser.add_argument("--alpha", type=float, default=None)
-    parser.add_argument("--plausibility", type=float, default=None)
-    parser.add_argument("--unsafe-expert", default=None, help="model | prompted | negated_vector")
-    parser.add_argument("--scale", type=float, default=None)
-    parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--no-gate", action="store_true")
+    add_safety_options(parser, mode=False)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=_run)

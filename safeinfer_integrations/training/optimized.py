@@ -18,41 +18,38 @@ split (the held-in ``calibration`` splits are never used). Adam, ``steps`` steps
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from . import demos
-from .architecture import model_shape, steering_module
-from .gate import add_gate_source_arguments, fit_gate, gate_from_file
-from .vector import HarmGate, SafetyVector
+from ..errors import InvalidSettingError
+from ..method.gate import HarmGate
+from ..method.shipped import OPTIMIZED_CALIBRATION
+from ..method.vector import SafetyVector
+from ..models.architecture import model_shape, steering_module
+from ..models.batching import left_pad, pad_id_of
+from . import data
+from .defaults import calibrated_choice, default_setting
+from .gate_fit import fit_gate
 
 OPTIMIZER_VERSION = "1"
-CALIBRATION_FILE = "calibration.json"  # the shipped default vector's sweep, beside it in vectors/
 
 
 def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, ...]:
     """Left-padded prompt+answer ids, mask, positions, labels (answer tokens only), steering mask."""
-    width = max(len(p) + len(a) for p, a in items)
-    ids = torch.full((len(items), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    ids, mask, positions = left_pad([prompt + answer for prompt, answer in items], pad)
+    width = ids.shape[1]
     labels = torch.full_like(ids, -100)
     steer = torch.zeros(len(items), width)
     for row, (prompt, answer) in enumerate(items):
         start = width - len(prompt) - len(answer)
-        ids[row, start:] = torch.tensor(prompt + answer)
-        mask[row, start:] = 1
         labels[row, start + len(prompt):] = torch.tensor(answer)
         steer[row, start + len(prompt) - 1:] = 1.0
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions, labels, steer
 
 
@@ -60,31 +57,31 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
                     harmful_batch: int = 12, benign_batch: int = 6, answer_tokens: int = 10,
                     benign_weight: float = 0.5, seed: int = 0, gate: HarmGate | None = None,
                     gate_metadata: dict[str, Any] | None = None, fit_harm_gate: bool = True,
-                    framings: Sequence[demos.Framing] | None = None, progress: bool = True) -> SafetyVector:
+                    framings: Sequence[data.Framing] | None = None, progress: bool = True) -> SafetyVector:
     """Train a safety vector for ``engine.model`` (a `SafeInferEngine`). The returned vector carries
     ``gate`` when given (its metadata describes it by ``gate_metadata``), else (with ``fit_harm_gate``) a probe
-    gate fitted on `demos.gate_harmful_questions` against `demos.gate_benign_questions` (the build and gate
+    gate fitted on `data.gate_harmful_questions` against `data.gate_benign_questions` (the build and gate
     splits, everyday-phrased questions and benign requests included), each put in every one of ``framings``
-    (None: `demos.gate_framings`; `gate.fit_gate`), else no gate."""
+    (None: `data.gate_framings`; `gate_fit.fit_gate`), else no gate."""
     model, tokenizer = engine.model, engine.tokenizer
     shape = model_shape(model)
     if not 0 <= layer < shape.num_layers:
-        raise ValueError(f"layer must be in 0..{shape.num_layers - 1}; got {layer}")
+        raise InvalidSettingError(f"layer must be in 0..{shape.num_layers - 1}; got {layer}")
     for name, value in (("steps", steps), ("harmful_batch", harmful_batch), ("benign_batch", benign_batch),
                         ("answer_tokens", answer_tokens)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1; got {value}")
+            raise InvalidSettingError(f"{name} must be >= 1; got {value}")
     started = time.perf_counter()
     chat = lambda q: [{"role": "user", "content": q}]  # noqa: E731
-    harmful = demos.harmful_demos("build")
-    benign = [b.question for b in demos.benign_prompts("gate")]
+    harmful = data.harmful_demos("build")
+    benign = [b.question for b in data.benign_prompts("gate")]
     own = engine.generate([chat(q) for q in benign], mode="vanilla", max_new_tokens=answer_tokens)
     harmful_items = [(engine.formatter.encode(chat(d.question)),
                       list(tokenizer(d.answer, add_special_tokens=False)["input_ids"])[:answer_tokens])
                      for d in harmful]
     benign_items = [(engine.formatter.encode(chat(q)), list(g.token_ids)[:answer_tokens])
                     for q, g in zip(benign, own)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     device = next(model.parameters()).device
     vector = torch.zeros(shape.hidden_size, device=device, requires_grad=True)
     steer_now: dict[str, torch.Tensor] = {}
@@ -122,19 +119,19 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
     gate_info: dict[str, Any] = ({**(gate_metadata or {}), "source": "given"} if gate is not None
                                  else {"source": "none"})
     if gate is None and fit_harm_gate:
-        fit = fit_gate(model, tokenizer, demos.gate_harmful_questions(), demos.gate_benign_questions(),
-                       framings=demos.gate_framings() if framings is None else framings, progress=progress)
+        fit = fit_gate(model, tokenizer, data.gate_harmful_questions(), data.gate_benign_questions(),
+                       framings=data.gate_framings() if framings is None else framings, progress=progress)
         gate = fit.gate
         gate_info = {"source": "fitted", "method": "probe", "layer": gate.layer,
                      "cv_auc": round(fit.layer_auc[gate.layer], 4), "train_accuracy": round(fit.train_accuracy, 4),
                      "n_harmful": fit.n_harmful, "n_benign": fit.n_benign,
-                     "fit_data": "harmful: build splits; benign: gate splits (demos.gate_*_questions)",
+                     "fit_data": "harmful: build splits; benign: gate splits (training.data.gate_*_questions)",
                      "framings": list(fit.framings)}
     metadata = {
         "method": "optimized",
         "model_name": engine.model_name,
         **shape.as_metadata(),
-        "dataset_hash": demos.dataset_hash(),
+        "dataset_hash": data.dataset_hash(),
         "builder_version": OPTIMIZER_VERSION,
         "optimize": {"steps": steps, "lr": lr, "harmful_batch": harmful_batch, "benign_batch": benign_batch,
                      "answer_tokens": answer_tokens, "benign_weight": benign_weight, "seed": seed,
@@ -154,13 +151,11 @@ def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int |
     with the shipped file's gate given); for other models the layer defaults to a quarter of the depth and the
     scale to 1.0. ``gate``: True fits one, False makes none, a `HarmGate` is used as given (described by
     ``gate_metadata``)."""
-    from .building import default_setting, shipped_calibration
-    from .calibration import PLAIN, sharpness_of, with_sharpness
-    from .engine import SafeInferEngine
-    from .loading import is_default_model
+    from ..models.loading import is_default_model
+    from ..runtime.engine import SafeInferEngine
+    from .sharpness import PLAIN, sharpness_of, with_sharpness
 
-    calibration = shipped_calibration(CALIBRATION_FILE) if is_default_model(model) else None
-    chosen = (calibration or {}).get("chosen", {})
+    calibration, chosen = calibrated_choice(OPTIMIZED_CALIBRATION, is_default_model(model))
     engine = SafeInferEngine.from_pretrained(model)  # its own vector (the default model's) is not used
     layer, scale = default_setting(chosen, model_shape(engine.model).num_layers, layer, scale)
     vector = optimize_vector(engine, layer=layer, scale=scale, seed=seed,
@@ -174,29 +169,3 @@ def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int |
     if chosen:
         metadata["calibration"] = {"rule": calibration.get("rule"), "chosen": chosen}  # type: ignore[union-attr]
     return SafetyVector(vector.vector, layer=vector.layer, scale=vector.scale, metadata=metadata, gate=vector.gate)
-
-
-def add_cli(sub: Any) -> None:
-    """Register ``safeinfer optimize-vector``."""
-    parser = sub.add_parser("optimize-vector", help="train a safety steering vector by gradient descent")
-    parser.add_argument("--model", default=None, help="hub id or directory (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--layer", type=int, default=8)
-    parser.add_argument("--scale", type=float, default=1.25)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    add_gate_source_arguments(parser)
-
-    def run(args: argparse.Namespace) -> int:
-        from .engine import SafeInferEngine
-
-        gate = gate_from_file(args.gate_from)[0] if args.gate_from else None  # before loading the model
-        engine = SafeInferEngine.from_pretrained(args.model)
-        vector = optimize_vector(engine, layer=args.layer, scale=args.scale, steps=args.steps, lr=args.lr,
-                                 seed=args.seed, gate=gate, fit_harm_gate=not args.no_gate)
-        path = vector.save(Path(args.out))
-        print(f"wrote {path} ({vector.vector_id})", file=sys.stderr)
-        return 0
-
-    parser.set_defaults(handler=run)

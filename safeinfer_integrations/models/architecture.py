@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import InvalidInputError, InvalidSettingError
+
 # Attribute paths from the CausalLM wrapper to its list of decoder layers, tried in order.
 _LAYER_PATHS: tuple[str, ...] = (
     "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi3, ...
@@ -38,7 +40,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         layers = _get_path(model, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
-    raise ValueError(
+    raise InvalidInputError(
         f"cannot find the decoder layers of {type(model).__name__}; looked for {', '.join(_LAYER_PATHS)}"
     )
 
@@ -56,7 +58,8 @@ def steering_module(model: nn.Module, layer: int) -> nn.Module:
     output equals adding to the layer's output hidden state), or the whole layer when it has no MLP."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
-        raise ValueError(f"layer {layer} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+        raise InvalidSettingError(
+            f"layer {layer} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
     block = layers[layer]
     return _child(block, _MLP_NAMES) or block
 
@@ -68,7 +71,8 @@ def attention_out_proj(model: nn.Module, layer: int) -> nn.Module:
     attn = _child(block, _ATTN_NAMES)
     proj = _child(attn, _OUT_PROJ_NAMES) if attn is not None else None
     if proj is None:
-        raise ValueError(f"cannot find the attention output projection of layer {layer} in {type(block).__name__}")
+        raise InvalidInputError(
+            f"cannot find the attention output projection of layer {layer} in {type(block).__name__}")
     return proj
 
 

@@ -33,13 +33,19 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InvalidInputError, InvalidSettingError, InvalidTypeError
+from .prompts import add_to_system
+
 __all__ = [
     "ParsedToolCall",
+    "ToolSplitter",
     "assistant_message",
     "needs_tool_prompt",
     "normalize_tool",
     "parse_tool_calls",
+    "split_text",
     "tool_prompt",
+    "tool_names_of",
     "tool_result_message",
     "with_tool_prompt",
 ]
@@ -75,18 +81,18 @@ def normalize_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
     """An OpenAI-style tool schema: ``{"type": "function", "function": {name, description, parameters}}``.
 
     Accepts that form or the bare function dict ``{"name", "description", "parameters"}``; raises
-    ``ValueError`` naming what is missing otherwise."""
+    `InvalidInputError` (a ValueError) naming what is missing otherwise."""
     if not isinstance(tool, Mapping):
-        raise TypeError(f"a tool must be a dict (an OpenAI-style tool schema); got {type(tool).__name__}")
+        raise InvalidTypeError(f"a tool must be a dict (an OpenAI-style tool schema); got {type(tool).__name__}")
     function = tool.get("function") if "function" in tool else tool
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
-        raise ValueError(
+        raise InvalidInputError(
             "a tool must be {'type': 'function', 'function': {'name': ..., 'description': ..., 'parameters': "
             f"{{...}}}} or the inner function dict with a non-empty 'name'; got {dict(tool)!r:.200}"
         )
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(parameters, Mapping):
-        raise ValueError(
+        raise InvalidInputError(
             f"tool {function['name']!r}: 'parameters' must be a JSON schema dict; got {parameters!r}"
         )
     return {"type": "function", "function": {
@@ -106,7 +112,7 @@ def tool_prompt(tools: Sequence[Mapping[str, Any]], *, tool_choice: str | None =
     """
     normalized = [normalize_tool(t) for t in tools]
     if not normalized:
-        raise ValueError("tool_prompt needs at least one tool")
+        raise InvalidInputError("tool_prompt needs at least one tool")
     names = [t["function"]["name"] for t in normalized]
     lines = [
         "You can call the following tools. Each is given as a JSON schema of its arguments.",
@@ -131,7 +137,7 @@ def tool_prompt(tools: Sequence[Mapping[str, Any]], *, tool_choice: str | None =
     elif tool_choice in names:
         lines.append(f"You must call the tool {tool_choice} now.")
     else:
-        raise ValueError(
+        raise InvalidSettingError(
             f"tool_choice must be None, 'auto', 'any', 'required', 'none' or one of the tool names "
             f"({', '.join(names)}); got {tool_choice!r}"
         )
@@ -146,13 +152,7 @@ def needs_tool_prompt(formatter: Any) -> bool:
 def with_tool_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], *,
                      tool_choice: str | None = None) -> list[dict[str, Any]]:
     """``messages`` with ``tool_prompt(tools)`` added to the system message (prepending one if none)."""
-    prompt = tool_prompt(tools, tool_choice=tool_choice)
-    out = [dict(m) for m in messages]
-    if out and out[0].get("role") == "system":
-        existing = out[0].get("content") or ""
-        out[0]["content"] = f"{existing}\n\n{prompt}" if existing else prompt
-        return out
-    return [{"role": "system", "content": prompt}, *out]
+    return add_to_system(messages, tool_prompt(tools, tool_choice=tool_choice))
 
 
 # ---------------------------------------------------------------------------------------------- history
@@ -191,18 +191,18 @@ def _as_parsed(call: ParsedToolCall | Mapping[str, Any]) -> ParsedToolCall:
     if isinstance(call, ParsedToolCall):
         return call
     if not isinstance(call, Mapping):
-        raise TypeError(f"a tool call must be a ParsedToolCall or a dict; got {type(call).__name__}")
+        raise InvalidTypeError(f"a tool call must be a ParsedToolCall or a dict; got {type(call).__name__}")
     inner = call.get("function")
     source: Mapping[str, Any] = inner if isinstance(inner, Mapping) else call
     name = source.get("name")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"a tool call needs a non-empty 'name'; got {dict(call)!r:.200}")
+        raise InvalidInputError(f"a tool call needs a non-empty 'name'; got {dict(call)!r:.200}")
     arguments = source.get("args", source.get("arguments", source.get("parameters", {})))
     if isinstance(arguments, str):
         decoded = _loads(arguments)
         arguments = decoded if isinstance(decoded, dict) else {"input": arguments}
     if not isinstance(arguments, Mapping):
-        raise ValueError(f"tool call {name!r}: arguments must be a dict; got {arguments!r:.200}")
+        raise InvalidInputError(f"tool call {name!r}: arguments must be a dict; got {arguments!r:.200}")
     return ParsedToolCall(name=name, arguments=dict(arguments), id=str(call.get("id") or _new_id()))
 
 
@@ -331,9 +331,77 @@ def parse_tool_calls(text: str, *,
     ``tool_names``, bare-JSON calls must name one of those tools (tagged calls are always read: the model
     said explicitly it is calling a tool). With no calls found, the content is ``text`` unchanged."""
     if not isinstance(text, str):
-        raise TypeError(f"parse_tool_calls takes the generated text (a str); got {type(text).__name__}")
+        raise InvalidTypeError(f"parse_tool_calls takes the generated text (a str); got {type(text).__name__}")
     tagged = _parse_tagged(text)
     if tagged is not None:
         content, calls = tagged
         return (content, calls) if calls else (text, [])
     return _parse_bare(text, tool_names)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+_TRIGGERS = "<{[`"
+
+
+@dataclass
+class ToolSplitter:
+    """Splits generated text into content and tool calls, the same way for invoke and stream.
+
+    The rule: the text up to the first ``<``, ``{``, ``[`` or backtick (where a tool call could start) is
+    content as is, except trailing whitespace when calls follow; the rest is read by
+    `parse_tool_calls` (calls removed, what remains appended). While streaming, text before that
+    point is handed out as it comes; after it, text is held until generation ends. With no tools bound,
+    everything is content."""
+
+    tool_names: frozenset[str] | None  # None: no tools bound
+    text: str = ""
+    emitted: int = 0
+    cut: int | None = None  # index of the first trigger character, once seen
+    content: str = ""  # the whole content, once finished
+
+    def push(self, piece: str) -> str:
+        """Add a piece of generated text; return the content that is decided now."""
+        self.text += piece
+        if self.tool_names is None:
+            return self._emit(len(self.text))
+        if self.cut is None:
+            hits = [i for i in (self.text.find(c, self.emitted) for c in _TRIGGERS) if i >= 0]
+            if hits:
+                self.cut = min(hits)
+        head = self.text if self.cut is None else self.text[: self.cut]
+        return self._emit(len(head.rstrip()))
+
+    def finish(self) -> tuple[str, list[ParsedToolCall]]:
+        """Generation ended: (the rest of the content, the tool calls). ``content`` then holds it all."""
+        calls: list[ParsedToolCall] = []
+        if self.tool_names is not None and self.cut is not None:
+            head, tail = self.text[: self.cut], self.text[self.cut :]
+            rest, calls = parse_tool_calls(tail, tool_names=self.tool_names)
+        if not calls:
+            self.content = self.text
+            return self._emit(len(self.text)), []
+        self.content = head.rstrip() + (("\n" if head.strip() else "") + rest if rest else "")
+        remaining = self.content[self.emitted :]
+        self.emitted = len(self.content)
+        return remaining, calls
+
+    def _emit(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        piece = self.text[self.emitted : end]
+        self.emitted = end
+        return piece
+
+
+def split_text(text: str, tool_names: frozenset[str] | None) -> tuple[str, list[ParsedToolCall]]:
+    """The content and tool calls of a whole generation (exactly what streaming assembles)."""
+    splitter = ToolSplitter(tool_names)
+    head = splitter.push(text)
+    rest, calls = splitter.finish()
+    return head + rest, calls
+
+
+def tool_names_of(tools: Sequence[Mapping[str, Any]] | None) -> frozenset[str] | None:
+    if not tools:
+        return None
+    return frozenset(str(t.get("function", t).get("name")) for t in tools)

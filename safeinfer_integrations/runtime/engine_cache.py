@@ -7,8 +7,8 @@ import os
 import threading
 from typing import Any
 
+from ..models.loading import is_default_model
 from .engine import SafeInferEngine
-from .loading import is_default_model
 
 _ENGINES: dict[tuple[str, ...], SafeInferEngine] = {}
 _LOCK = threading.Lock()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architecture import steering_module
+from ..models.architecture import steering_module
 
 _ACTIVE: ContextVar[tuple[Steerer, torch.Tensor] | None] = ContextVar("safeinfer_steering", default=None)
 
@@ -83,7 +83,7 @@ def hidden_after_layer(model: nn.Module, layer: int, **inputs: Any) -> torch.Ten
     """The hidden state after decoder layer ``layer`` (all positions), computing only layers 0..layer: the
     forward pass is ended right after that layer. Like steering, the hook acts only on this call's pass.
     ``inputs`` go to the model's forward (``use_cache`` defaults to False; pass a cache to run on top of it)."""
-    from .architecture import decoder_layers
+    from ..models.architecture import decoder_layers
 
     token = object()
 

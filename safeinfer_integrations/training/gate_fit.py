@@ -7,19 +7,18 @@ does (the prompt rendered with the chat template, unsteered). Two fits, both det
   hidden features, solved by Newton's method. Folded back into raw hidden space it is still one
   direction and a bias. Layer choice: the best 2-fold cross-validated AUC (fit on one half, score on
   the other; ties: the lower layer). The default penalty, 0.003, was chosen on the held-in split (the best
-  mean AUC over the framings of `demos.gate_framings`). On the default model (fit:
-  `demos.gate_harmful_questions` vs `demos.gate_benign_questions`, each in every framing) this fit picks
+  mean AUC over the framings of `data.gate_framings`). On the default model (fit:
+  `data.gate_harmful_questions` vs `data.gate_benign_questions`, each in every framing) this fit picks
   layer 22 (docs/vectors.md has its held-in scores).
 - ``mean_difference``: the direction ``mean(harmful) - mean(benign)``, layer chosen the same way, then
   a one-dimensional logistic regression of the standardised projection.
 
 All but the last layer are candidates (the last hidden state may be normalised). The fit data must be
-disjoint from anything the gate is evaluated on (see `demos`).
+disjoint from anything the gate is evaluated on (see `data`).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -28,12 +27,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architecture import context_window, decoder_layers
-from .compat import cache_kwarg
-from .demos import Framing, framed_questions
-from .heads import left_pad, pad_id_of, right_pad
-from .prompts import PromptFormatter
-from .vector import HarmGate, SafetyVector
+from ..errors import InvalidInputError, InvalidSettingError, VectorFileError
+from ..method.gate import HarmGate
+from ..method.vector import SafetyVector
+from ..models.architecture import context_window, decoder_layers
+from ..models.batching import left_pad, pad_id_of, right_pad
+from ..models.compat import cache_kwarg
+from ..runtime.prompts import PromptFormatter
+from .data import Framing, framed_questions
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def chat_ids(tokenizer: Any, questions: Sequence[str]) -> list[list[int]]:
 
 
 def framed_ids(tokenizer: Any, questions: Sequence[str], framings: Sequence[Framing]) -> list[list[int]]:
-    """Token ids of every question in every framing (`demos.framed_questions`: question-major), as the engine
+    """Token ids of every question in every framing (`data.framed_questions`: question-major), as the engine
     renders them."""
     formatter = PromptFormatter(tokenizer)
     return [formatter.encode(messages) for messages in framed_questions(questions, framings)]
@@ -128,7 +129,7 @@ def _hidden_after_shared_prefix(model: nn.Module, batch: list[Sequence[int]], sh
     """`last_token_hidden` of one batch whose rows share their first ``shared`` tokens."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
     prefix = torch.tensor([list(batch[0][:shared])], dtype=torch.long, device=device)
     model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=torch.arange(shared,
           device=device)[None], **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
@@ -206,13 +207,14 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
     ``l2`` defaults to 0.003 for ``probe`` (chosen on the held-in split, docs/vectors.md) and 0.1 for
     ``mean_difference``."""
     if method not in GATE_METHODS:
-        raise ValueError(f"gate method must be one of {', '.join(GATE_METHODS)}; got {method!r}")
+        raise InvalidSettingError(f"gate method must be one of {', '.join(GATE_METHODS)}; got {method!r}")
     if l2 is None:
         l2 = 0.003 if method == "probe" else 0.1
     if harmful.shape[0] != benign.shape[0] or harmful.shape[-1] != benign.shape[-1]:
-        raise ValueError("harmful and benign hidden states must have the same layers and hidden size")
+        raise InvalidInputError("harmful and benign hidden states must have the same layers and hidden size")
     if harmful.shape[1] < 4 or benign.shape[1] < 4:
-        raise ValueError(f"need at least 4 harmful and 4 benign prompts; got {harmful.shape[1]} and {benign.shape[1]}")
+        raise InvalidInputError(
+            f"need at least 4 harmful and 4 benign prompts; got {harmful.shape[1]} and {benign.shape[1]}")
     n_layers = harmful.shape[0]
     candidates = list(layers) if layers is not None else list(range(max(1, n_layers - 1)))
     harmful, benign = harmful.double(), benign.double()
@@ -264,18 +266,19 @@ def fit_gate(model: nn.Module, tokenizer: Any, harmful: Sequence[str], benign: S
              framings: Sequence[Framing] | None = None, floor: float = 0.0, batch_size: int = 16,
              progress: bool = False, method: GateMethod = "probe") -> GateFit:
     """Fit a `HarmGate` on harmful vs benign questions, each put in every one of ``framings``
-    (`demos.gate_framings`; None: as bare one-turn chats only). The same framings on both sides keep the
+    (`data.gate_framings`; None: as bare one-turn chats only). The same framings on both sides keep the
     framing from carrying any signal. A framing with a prompt longer than the model's context window is left
     out (`GateFit.framings` names those used)."""
     if not harmful or not benign:
-        raise ValueError("fit_gate needs harmful and benign questions")
+        raise InvalidInputError("fit_gate needs harmful and benign questions")
     if framings is not None and not framings:
-        raise ValueError("fit_gate needs at least one framing (or None for bare one-turn chats)")
+        raise InvalidInputError("fit_gate needs at least one framing (or None for bare one-turn chats)")
     decoder_layers(model)  # fail early on unsupported models
     pad = pad_id_of(tokenizer)
     questions = list(harmful) + list(benign)
+    used: tuple[Framing, ...] = ()
     if framings is None:
-        sequences, used = chat_ids(tokenizer, questions), ()
+        sequences = chat_ids(tokenizer, questions)
     else:
         sequences, used = _fitting_framings(model, tokenizer, questions, framings)
     hidden = last_token_hidden(model, sequences, pad, batch_size=batch_size, progress=progress)
@@ -292,19 +295,10 @@ def _fitting_framings(model: nn.Module, tokenizer: Any, questions: list[str],
     per_framing = [framed_ids(tokenizer, questions, [framing]) for framing in framings]
     keep = [k for k, ids in enumerate(per_framing) if window is None or max(map(len, ids)) <= window]
     if not keep:
-        raise ValueError(f"no gate framing fits the model's context window of {window} tokens "
+        raise InvalidInputError(f"no gate framing fits the model's context window of {window} tokens "
                          f"(framings: {', '.join(f.name for f in framings)})")
     sequences = [per_framing[k][q] for q in range(len(questions)) for k in keep]
     return sequences, tuple(framings[k] for k in keep)
-
-
-def add_gate_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--gate-from FILE`` / ``--no-gate`` for the commands that make a vector (default: fit a gate)."""
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--gate-from", default=None,
-                        help="take the harm gate from this vector file instead of fitting one (the same fit, when "
-                             "that vector was made for the same model and data)")
-    source.add_argument("--no-gate", action="store_true", help="make the vector without a harm gate")
 
 
 def gate_from_file(path: str) -> tuple[HarmGate, dict[str, Any]]:
@@ -312,5 +306,5 @@ def gate_from_file(path: str) -> tuple[HarmGate, dict[str, Any]]:
     vector's metadata; a vector without a gate is an error naming the file."""
     source = SafetyVector.load(path)
     if source.gate is None:
-        raise ValueError(f"--gate-from {path}: that vector has no harm gate")
+        raise VectorFileError(f"--gate-from {path}: that vector has no harm gate")
     return source.gate, {**source.metadata.get("gate", {}), "taken_from": source.vector_id}

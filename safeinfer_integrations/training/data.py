@@ -41,6 +41,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Literal, Protocol, TypeVar
 
+from ..errors import InvalidInputError, InvalidSettingError
+
 HarmfulSplit = Literal["build", "calibration", "evaluation"]
 EverydaySplit = Literal["build", "calibration"]
 BenignSplit = Literal["gate", "calibration", "evaluation"]
@@ -110,7 +112,7 @@ def _per_group(items: Sequence[_Item], group: str, file: str, names: tuple[str, 
     for key in sorted(groups):
         members = sorted(groups[key], key=lambda item: _order_key(item.question))
         if len(members) != total:
-            raise ValueError(f"{file}: {group} {key!r} has {len(members)} rows, expected {total}")
+            raise InvalidInputError(f"{file}: {group} {key!r} has {len(members)} rows, expected {total}")
         start = 0
         for name, count in zip(names, counts):
             out[name].extend(members[start:start + count])
@@ -123,7 +125,7 @@ def _pick(splits: dict[str, tuple[_Item, ...]], split: str | None, what: str) ->
     if split is None:
         return tuple(item for rows in splits.values() for item in rows)
     if split not in splits:
-        raise ValueError(f"{what} split must be one of {', '.join(splits)}; got {split!r}")
+        raise InvalidSettingError(f"{what} split must be one of {', '.join(splits)}; got {split!r}")
     return splits[split]
 
 

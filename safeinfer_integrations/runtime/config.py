@@ -8,7 +8,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+
+from ..errors import InvalidSettingError, UnknownSettingError
 
 Mode = Literal["vanilla", "sa", "sgds", "safeinfer"]
 UnsafeExpert = Literal["model", "prompted", "negated_vector"]
@@ -30,7 +32,36 @@ _UNIT_INTERVAL_FIELDS: dict[str | None, tuple[str, str]] = {
 }
 
 
-class SafeInferConfig(BaseModel):
+def _describe(error: ValidationError) -> str:
+    """One line per problem: the validators' own messages, pydantic's for the rest (with the field's name)."""
+    lines = []
+    for item in error.errors():
+        cause = (item.get("ctx") or {}).get("error")
+        field = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {field!r}")
+        elif isinstance(cause, Exception):
+            lines.append(str(cause))
+        else:
+            lines.append(f"{field}: {item['msg']}; got {item.get('input')!r}")
+    return "; ".join(lines)
+
+
+class _Settings(BaseModel):
+    """Frozen, validated settings whose bad values raise `InvalidSettingError` (an unknown name
+    `UnknownSettingError`) with the validators' messages, instead of pydantic's ``ValidationError``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            unknown = all(item["type"] == "extra_forbidden" for item in error.errors())
+            raise (UnknownSettingError if unknown else InvalidSettingError)(_describe(error)) from error
+
+
+class SafeInferConfig(_Settings):
     """What SafeInfer applies to a generation.
 
     - ``mode``: ``vanilla`` (plain decoding), ``sa`` (Safety Amplification only), ``sgds`` (safety-guided
@@ -46,12 +77,10 @@ class SafeInferConfig(BaseModel):
     - ``gate``: scale SA and guidance per request by the vector's harm gate, when the vector carries one.
     - ``gate_cutoff``: in [0, 1); a request whose gate weight is below it is decoded as ``vanilla`` (no
       steering, no guidance) and gets no unsafe-expert rows, so it costs what plain decoding costs.
-      0 turns this off. Only acts when the gate does. The default 0.1 was chosen on the held-in split (session 3):
-      refusal unchanged up to 0.3, and 52 of 61 benign questions answered exactly as by the plain model
-      (47 with no cutoff); see docs/method.md.
+      0 turns this off. Only acts when the gate does. The default 0.1 was chosen on the held-in split: refusal
+      unchanged up to 0.3, and 52 of 61 benign questions answered exactly as by the plain model (47 with no
+      cutoff); see docs/design.md.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     mode: Mode = "safeinfer"
     alpha: float = 0.99
@@ -125,15 +154,13 @@ class SafeInferConfig(BaseModel):
         return SafeInferConfig(**{**self.model_dump(), **given})
 
 
-class SamplingSettings(BaseModel):
+class SamplingSettings(_Settings):
     """How tokens are chosen and when generation stops.
 
     ``temperature=0`` (the default) is greedy. ``top_k=0`` and ``top_p=1`` switch those filters off.
     ``stop`` strings may span several tokens; the text is cut before the first one found.
     ``min_new_tokens`` (as in transformers) forbids the end-of-sequence tokens before that many new tokens.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_new_tokens: int = 256
     min_new_tokens: int = 0
@@ -146,7 +173,7 @@ class SamplingSettings(BaseModel):
     @field_validator("max_new_tokens", "min_new_tokens")
     @classmethod
     def _check_token_count(cls, value: int, info: ValidationInfo) -> int:
-        least = {"max_new_tokens": 1, "min_new_tokens": 0}[info.field_name]
+        least = 1 if info.field_name == "max_new_tokens" else 0
         if value < least:
             raise ValueError(f"{info.field_name} must be >= {least}; got {value!r}")
         return value
@@ -195,11 +222,11 @@ SAMPLING_FIELDS: frozenset[str] = frozenset(SamplingSettings.model_fields)
 
 
 def split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split per-call keyword settings into (sampling, config) parts; unknown names raise TypeError."""
+    """Split per-call keyword settings into (sampling, config) parts; unknown names raise `UnknownSettingError`."""
     unknown = sorted(set(settings) - CONFIG_FIELDS - SAMPLING_FIELDS)
     if unknown:
         allowed = ", ".join(sorted(SAMPLING_FIELDS | CONFIG_FIELDS))
-        raise TypeError(f"unknown generation setting(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+        raise UnknownSettingError(f"unknown generation setting(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
     sampling = {k: v for k, v in settings.items() if k in SAMPLING_FIELDS}
     config = {k: v for k, v in settings.items() if k in CONFIG_FIELDS}
     return sampling, config

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..errors import InvalidInputError, InvalidTypeError
+
 Message = Mapping[str, Any]
 PromptInput = str | Sequence[Message]
 
@@ -39,19 +41,19 @@ def normalize_batch(inputs: object) -> list[PromptInput]:
     elif isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
         batch = list(inputs)
     else:
-        raise TypeError(
+        raise InvalidTypeError(
             f"inputs must be a string, a list of chat messages, or a list of those; got {type(inputs).__name__}"
         )
     if not batch:
-        raise ValueError("inputs is empty: give at least one prompt")
+        raise InvalidInputError("inputs is empty: give at least one prompt")
     for index, item in enumerate(batch):
         if isinstance(item, str):
             if item == "":
-                raise ValueError(f"prompt {index} is an empty string")
+                raise InvalidInputError(f"prompt {index} is an empty string")
         elif is_messages(item):
             _check_messages(item, index)  # type: ignore[arg-type]
         else:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"prompt {index} must be a string or a non-empty list of {{'role', 'content'}} messages; "
                 f"got {item!r:.80}"
             )
@@ -62,10 +64,11 @@ def _check_messages(messages: Sequence[Message], index: int) -> None:
     for position, message in enumerate(messages):
         role = message.get("role")
         if not isinstance(role, str) or not role:
-            raise ValueError(f"prompt {index}, message {position}: 'role' must be a non-empty string; got {role!r}")
+            raise InvalidInputError(
+                f"prompt {index}, message {position}: 'role' must be a non-empty string; got {role!r}")
         content = message.get("content")
         if content is not None and not isinstance(content, str):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"prompt {index}, message {position}: 'content' must be a string; got {type(content).__name__}"
             )
 
@@ -102,13 +105,23 @@ def _system_into_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": system}, *rest]
 
 
+def add_to_system(messages: Sequence[Message], text: str, *, first: bool = False) -> list[dict[str, Any]]:
+    """A copy of ``messages`` with ``text`` added to the system message, after its content (before it with
+    ``first``), separated by a blank line; a system message with only ``text`` is prepended when there is none.
+    Every instruction the package adds (the unsafe expert's prompt, tool descriptions, output formats) goes in
+    this way."""
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        existing = out[0].get("content") or ""
+        parts = (text, existing) if first else (existing, text)
+        out[0]["content"] = "\n\n".join(part for part in parts if part)
+        return out
+    return [{"role": "system", "content": text}, *out]
+
+
 def with_unsafe_system(messages: Sequence[Message], unsafe_prompt: str) -> list[dict[str, Any]]:
     """The conversation under the unsafe system prompt, keeping any system content (it may carry context)."""
-    out = [dict(m) for m in messages]
-    if out and out[0]["role"] == "system":
-        out[0]["content"] = f"{unsafe_prompt}\n\n{out[0].get('content') or ''}".rstrip()
-        return out
-    return [{"role": "system", "content": unsafe_prompt}, *out]
+    return add_to_system(messages, unsafe_prompt, first=True)
 
 
 def _plain_format(messages: list[dict[str, Any]], continue_final: bool = False) -> str:
@@ -155,7 +168,7 @@ class PromptFormatter:
                 return str(text)
             except Exception as error:  # jinja2 TemplateError and friends: try the next fold
                 first_error = first_error or error
-        raise ValueError(f"the chat template rejects this conversation even after folding roles: {first_error}")
+        raise InvalidInputError(f"the chat template rejects this conversation even after folding roles: {first_error}")
 
     def template_uses_tools(self) -> bool:
         """Whether the chat template renders a ``tools`` argument at all."""

@@ -15,20 +15,19 @@ SafeInfer runs in full). Each set's gate weights are reported with its timings.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from . import demos
-from .engine import SafeInferEngine
-from .loading import load_model_and_tokenizer
-from .vector import SafetyVector
+from ..errors import InvalidSettingError
+from ..method.vector import SafetyVector
+from ..models.batching import left_pad, pad_id_of
+from ..models.loading import load_model_and_tokenizer
+from ..runtime.engine import SafeInferEngine
+from ..training import data
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -49,8 +48,8 @@ def prompt_set(name: str) -> list[str]:
     if name == "benign":
         return list(PROMPTS)
     if name == "harmful":
-        return [d.question for d in demos.harmful_demos("evaluation")[::11]]
-    raise ValueError(f"prompt set must be one of {', '.join(PROMPT_SETS)}; got {name!r}")
+        return [d.question for d in data.harmful_demos("evaluation")[::11]]
+    raise InvalidSettingError(f"prompt set must be one of {', '.join(PROMPT_SETS)}; got {name!r}")
 
 
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -70,9 +69,8 @@ def _hf_generate(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: in
     tokenizer, model = engine.tokenizer, engine.model
     ids = [engine.formatter.encode(p) for p in prompts]
     width = max(len(i) for i in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=engine.device)
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=engine.device)
+    pad = pad_id_of(tokenizer)
+    input_ids, mask, _ = left_pad(ids, pad, engine.device)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
@@ -86,7 +84,7 @@ def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new
     and ``dtype`` (a torch dtype name) say where and how the models run (default: float32 on the CPU)."""
     texts = {name: prompt_set(name) for name in prompt_sets}  # bad names fail before any model loads
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        raise InvalidSettingError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     torch_dtype = getattr(torch, dtype) if dtype else None
     base, tokenizer = load_model_and_tokenizer(model, dtype=torch_dtype, device_map=device)
     unsafe, _ = load_model_and_tokenizer(model, dtype=torch_dtype, device_map=device)  # a fine-tuned twin's cost
@@ -167,14 +165,3 @@ def format_table(results: dict[str, Any]) -> str:
                 speed = f"{row['tokens_per_s']:.1f} | {row['time_ratio']:.2f}x"
                 lines.append(f"| {set_name} | {name} | {batch} | {speed} |")
     return "\n".join(lines)
-
-
-def main(args: argparse.Namespace) -> int:
-    batch_sizes = tuple(int(b) for b in str(args.batch_sizes).split(","))
-    prompt_sets = tuple(name for name in str(args.prompts).split(",") if name)
-    results = run(args.model, batch_sizes, args.max_new_tokens, args.repeats, prompt_sets,
-                  device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
-    print(format_table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    return 0

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..errors import InvalidSettingError
+
 NEG_INF = float("-inf")
 
 
@@ -79,7 +81,7 @@ def select_tokens(
     if temperature == 0.0:
         return scores.argmax(dim=-1)
     if uniforms is None:
-        raise ValueError("sampling needs one uniform draw per row")
+        raise InvalidSettingError("sampling needs one uniform draw per row")
     probs = _filtered(scores.float(), temperature, top_k, top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     targets = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None]

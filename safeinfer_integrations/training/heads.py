@@ -22,45 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architecture import attention_out_proj, decoder_layers, model_shape
-from .compat import cache_kwarg
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids, attention mask, position ids
-
-
-def _pad(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists padded on one side to one width: CPU ids and attention mask."""
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("every sequence must have at least one token")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Left-pad token id lists; return ids, attention mask and position ids (0 at each row's first token)."""
-    ids, mask = _pad(sequences, pad_id, left=True)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists (continuations of a cached prefix); return ids and their attention mask."""
-    ids, mask = _pad(sequences, pad_id, left=False)
-    return ids.to(device), mask.to(device)
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0
+from ..errors import InvalidInputError, InvalidSettingError
+from ..models.architecture import attention_out_proj, decoder_layers, model_shape
+from ..models.batching import left_pad
+from ..models.compat import cache_kwarg
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -168,9 +133,9 @@ def indirect_effects(model: nn.Module, corrupted: Sequence[Sequence[int]], pad_i
     shape = model_shape(model)
     n_layers, n_heads, head_dim = shape.num_layers, shape.num_heads, shape.head_dim
     if tuple(means.shape) != (n_layers, n_heads, head_dim):
-        raise ValueError(f"means must have shape {(n_layers, n_heads, head_dim)}; got {tuple(means.shape)}")
+        raise InvalidInputError(f"means must have shape {(n_layers, n_heads, head_dim)}; got {tuple(means.shape)}")
     if any(len(s) < 2 for s in corrupted):
-        raise ValueError("each corrupted prompt needs at least 2 tokens")
+        raise InvalidInputError("each corrupted prompt needs at least 2 tokens")
     device = _device(model)
     target_ids = torch.tensor(list(targets), device=device)
     projections = out_projections(model)
@@ -228,7 +193,7 @@ def top_heads(effects: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
     layer, then lower head)."""
     n_layers, n_heads = effects.shape
     if not 1 <= k <= n_layers * n_heads:
-        raise ValueError(f"k must be between 1 and {n_layers * n_heads} (layers x heads); got {k}")
+        raise InvalidSettingError(f"k must be between 1 and {n_layers * n_heads} (layers x heads); got {k}")
     flat = [(-float(effects[layer, head]), layer, head) for layer in range(n_layers) for head in range(n_heads)]
     flat.sort()
     return [(layer, head, -score) for score, layer, head in flat[:k]]
@@ -244,7 +209,7 @@ def function_vector(model: nn.Module, means: torch.Tensor, heads: Sequence[tuple
     width = shape.num_heads * shape.head_dim
     for layer, head in heads:
         if not (0 <= layer < shape.num_layers and 0 <= head < shape.num_heads):
-            raise ValueError(f"head ({layer}, {head}) is out of range for {shape.num_layers} layers x "
+            raise InvalidSettingError(f"head ({layer}, {head}) is out of range for {shape.num_layers} layers x "
                              f"{shape.num_heads} heads")
         projection = attention_out_proj(model, layer)
         x = torch.zeros(2, 1, width, dtype=dtype, device=device)

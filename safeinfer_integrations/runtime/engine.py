@@ -1,0 +1,303 @@
+"""`SafeInferEngine`: SafeInfer decoding for any local transformers causal LM.
+
+The engine checks its inputs and settings, renders prompts, and runs the decode loop (`decode.Decoder`)
+with the steering hook attached for exactly as long as the loop runs. Streaming is the primitive:
+``generate`` collects the same events ``stream`` yields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Generator, Mapping, Sequence
+from contextlib import closing, nullcontext
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError, InvalidSettingError, InvalidTypeError, VectorMismatchError
+from ..method.shipped import shipped_vector_path
+from ..method.steering import attach
+from ..method.vector import SafetyVector
+from ..models.architecture import context_window
+from ..models.batching import pad_id_of
+from ..models.loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
+from .config import SafeInferConfig, SamplingSettings, split_settings
+from .decode import Decoder, Plan, Row, Target
+from .generation import Generation, SafetyTelemetry, Usage
+from .prompts import PromptFormatter, PromptInput, is_messages, normalize_batch
+from .streams import AsyncGenerationStream, GenerationStream
+from .textstream import TextTracker
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def _same_vocabulary(tokenizer: Any, other: Any) -> str | None:
+    """None when both tokenizers map every token to the same id; else a description of a difference."""
+    vocab, other_vocab = tokenizer.get_vocab(), other.get_vocab()
+    if len(vocab) != len(other_vocab):
+        return f"vocabulary sizes differ ({len(vocab)} vs {len(other_vocab)})"
+    for token, index in vocab.items():
+        if other_vocab.get(token) != index:
+            return f"token {token!r} has id {index} in the main model and {other_vocab.get(token)} in the unsafe model"
+    return None
+
+
+def _output_size(model: Any) -> int:
+    """How many tokens the model's output layer scores."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+class SafeInferEngine:
+    """SafeInfer generation over one local causal LM (and optionally a separate unsafe expert model).
+
+    Thread-safe: calls share only the read-only model weights; steering hooks act only on the forward
+    passes of the call that registered them.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        vector: SafetyVector | str | os.PathLike[str] | None = None,
+        unsafe_model: Any | None = None,
+        unsafe_tokenizer: Any | None = None,
+        config: SafeInferConfig | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise InvalidTypeError(f"model must be a transformers causal LM; got {type(model).__name__}")
+        if not callable(getattr(tokenizer, "decode", None)):
+            raise InvalidTypeError(f"tokenizer must be a transformers tokenizer; got {type(tokenizer).__name__}")
+        if config is not None and not isinstance(config, SafeInferConfig):
+            raise InvalidTypeError(f"config must be a SafeInferConfig; got {type(config).__name__}")
+        if isinstance(vector, (str, os.PathLike)):
+            vector = SafetyVector.load(vector)
+        if vector is not None:
+            if not isinstance(vector, SafetyVector):
+                raise InvalidTypeError(f"vector must be a SafetyVector or a path; got {type(vector).__name__}")
+            vector.check(model)
+        if unsafe_model is not None:
+            unsafe_tokenizer = unsafe_tokenizer if unsafe_tokenizer is not None else tokenizer
+            difference = _same_vocabulary(tokenizer, unsafe_tokenizer)
+            if difference:
+                raise VectorMismatchError(f"the unsafe model must share the main model's vocabulary: {difference}")
+            main_vocab = _output_size(model)
+            unsafe_vocab = _output_size(unsafe_model)
+            if main_vocab != unsafe_vocab:
+                raise VectorMismatchError(
+                    f"the unsafe model's output layer has {unsafe_vocab} tokens, the main model's {main_vocab}"
+                )
+            unsafe_model.eval()
+        model.eval()
+        self._model: Any = model
+        self._tokenizer: Any = tokenizer
+        self._vector: SafetyVector | None = vector
+        self._unsafe_model: Any = unsafe_model
+        self._config = config or SafeInferConfig()
+        self._formatter = PromptFormatter(tokenizer)
+        self._eos = _eos_ids(model, tokenizer)
+        self._context = context_window(model)
+        self._encode_lock = threading.Lock()
+        self.model_name = model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_path: str | os.PathLike[str] | None = None,
+        *,
+        vector: SafetyVector | str | os.PathLike[str] | None = None,
+        unsafe_model: Any | None = None,
+        config: SafeInferConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: Any = None,
+    ) -> SafeInferEngine:
+        """Load a model by hub id or directory (None: the default model, with its shipped vector)."""
+        model, tokenizer = load_model_and_tokenizer(model_or_path, dtype=dtype, device_map=device_map)
+        default = is_default_model(model_or_path)
+        if vector is None and default:
+            vector = shipped_vector_path()
+        unsafe_tokenizer = None
+        if isinstance(unsafe_model, (str, os.PathLike)):
+            unsafe_model, unsafe_tokenizer = load_model_and_tokenizer(unsafe_model, dtype=dtype, device_map=device_map)
+        name = DEFAULT_MODEL_NAME if default else str(model_or_path)
+        return cls(model, tokenizer, vector=vector, unsafe_model=unsafe_model, unsafe_tokenizer=unsafe_tokenizer,
+                   config=config, model_name=name)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def vector(self) -> SafetyVector | None:
+        return self._vector
+
+    @property
+    def config(self) -> SafeInferConfig:
+        return self._config
+
+    @property
+    def unsafe_model(self) -> Any | None:
+        return self._unsafe_model
+
+    @property
+    def formatter(self) -> PromptFormatter:
+        return self._formatter
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end generation (the generation config's and the tokenizer's end-of-sequence)."""
+        return self._eos
+
+    @property
+    def context_window(self) -> int | None:
+        return self._context
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(getattr(self._model, "device", None) or next(self._model.parameters()).device)
+
+    def count_tokens(self, prompt: PromptInput, tools: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """Tokens of a prompt as the engine would feed it (chat template included), offline."""
+        return len(self._encode(prompt, None, tools))
+
+    # ------------------------------------------------------------------ public generation API
+    def generate(self, inputs: PromptInput | Sequence[PromptInput], *,
+                 tools: Sequence[Mapping[str, Any]] | None = None, **settings: Any) -> list[Generation]:
+        """Generate for one prompt or a batch; returns one `Generation` per prompt, in order."""
+        plan = self._make_plan(inputs, settings, tools)
+        rows = self._new_rows(plan)
+        with closing(self._events(plan, rows)) as events:
+            for _ in events:  # each row's tracker keeps its text; the pieces are for streaming
+                pass
+        return self._build(rows, plan)
+
+    def stream(self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None,
+               **settings: Any) -> GenerationStream:
+        """Stream one prompt's text pieces; their join equals ``generate`` with the same settings."""
+        if not (isinstance(prompt, str) or is_messages(prompt)):
+            raise InvalidTypeError("stream takes one prompt: a string or a list of chat messages")
+        plan = self._make_plan(prompt, settings, tools)
+        rows = self._new_rows(plan)
+        return GenerationStream(self._events(plan, rows), lambda: self._build(rows, plan)[0])
+
+    async def agenerate(self, inputs: PromptInput | Sequence[PromptInput], *,
+                        tools: Sequence[Mapping[str, Any]] | None = None, **settings: Any) -> list[Generation]:
+        """``generate`` in a worker thread: the event loop is never blocked."""
+        return await asyncio.to_thread(self.generate, inputs, tools=tools, **settings)
+
+    def astream(self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None,
+                **settings: Any) -> AsyncGenerationStream:
+        """``stream`` with each step computed in a worker thread (``async for``); ``aclose()`` stops
+        generation and ``generation`` holds the result once exhausted. Bad settings raise here, at once."""
+        return AsyncGenerationStream(self.stream(prompt, tools=tools, **settings))
+
+    def encode_text(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of plain text with the local tokenizer (thread-safe, offline)."""
+        with self._encode_lock:
+            return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    # ------------------------------------------------------------------ planning (no side effects)
+    def resolve_config(self, overrides: Mapping[str, Any] | None = None) -> SafeInferConfig:
+        return self._config.with_overrides(dict(overrides or {}))
+
+    def _encode(self, prompt: PromptInput, unsafe_prompt: str | None,
+                tools: Sequence[Mapping[str, Any]] | None) -> list[int]:
+        with self._encode_lock:  # fast tokenizers are not safe to call from several threads at once
+            return self._formatter.encode(prompt, unsafe_prompt=unsafe_prompt, tools=tools)
+
+    def _make_plan(self, inputs: Any, settings: Mapping[str, Any],
+                   tools: Sequence[Mapping[str, Any]] | None) -> Plan:
+        sampling_kwargs, config_kwargs = split_settings(settings)
+        sampling = SamplingSettings(**sampling_kwargs)
+        config = self.resolve_config(config_kwargs)
+        batch = normalize_batch(inputs)
+        expert = config.unsafe_expert if config.guided else None
+        needs_vector = config.amplified or expert == "negated_vector"
+        vector = None
+        if needs_vector:
+            if self._vector is None:
+                raise InvalidSettingError(
+                    f"mode={config.mode!r} with unsafe_expert={config.unsafe_expert!r} needs a safety vector, and "
+                    "this engine has none: pass vector=..., or use mode='sgds' with unsafe_expert='prompted'"
+                )
+            vector = self._vector.with_settings(layer=config.layer, scale=config.scale)
+            vector.check(self._model)
+        if expert == "model" and self._unsafe_model is None:
+            raise InvalidSettingError(
+                "unsafe_expert='model' needs an unsafe_model; this engine was built without one")
+        safe_ids = [self._encode(item, None, tools) for item in batch]
+        unsafe_ids = None
+        if expert == "prompted":
+            unsafe_ids = [self._encode(item, config.unsafe_system_prompt, tools) for item in batch]
+        elif expert == "negated_vector":
+            unsafe_ids = safe_ids
+        for index, ids in enumerate(safe_ids + (unsafe_ids if expert == "prompted" else [])):  # type: ignore[operator]
+            if not ids:
+                raise InvalidInputError(f"prompt {index % len(batch)} encodes to no tokens")
+            if self._context is not None and len(ids) >= self._context:
+                which = "prompt" if index < len(batch) else "prompt under the unsafe system prompt"
+                raise InvalidInputError(
+                    f"{which} {index % len(batch)} has {len(ids)} tokens; the model's context window is "
+                    f"{self._context}, leaving no room to generate"
+                )
+        return Plan(config=config, sampling=sampling, vector=vector, expert=expert,
+                    safe_ids=safe_ids, unsafe_ids=unsafe_ids)
+
+    def _new_rows(self, plan: Plan) -> list[Row]:
+        return [Row(prompt_tokens=len(ids), tracker=TextTracker(self._tokenizer, plan.sampling.stop))
+                for ids in plan.safe_ids]
+
+    def _build(self, rows: list[Row], plan: Plan) -> list[Generation]:
+        config, vector = plan.config, plan.vector
+        return [
+            Generation(
+                text=row.tracker.text,
+                token_ids=tuple(row.token_ids),
+                finish_reason=row.finish_reason or "length",
+                usage=Usage(prompt_tokens=row.prompt_tokens, completion_tokens=len(row.token_ids)),
+                safety=SafetyTelemetry(
+                    mode=config.mode,
+                    alpha=config.alpha,
+                    plausibility=config.plausibility,
+                    unsafe_expert=plan.expert,
+                    vector_id=vector.vector_id if vector is not None else None,
+                    layer=vector.layer if vector is not None else None,
+                    scale=vector.scale if vector is not None else None,
+                    gate_weight=row.gate_weight,
+                    guided_changes=row.guided_changes,
+                    steps=len(row.token_ids),
+                ),
+            )
+            for row in rows
+        ]
+
+    # ------------------------------------------------------------------ the decode loop
+    def _events(self, plan: Plan, rows: list[Row]) -> Generator[tuple[int, str], None, None]:
+        """Run the decode loop; yield (row, decided text piece). Hooks live exactly as long as this."""
+        vector = plan.vector
+        steer = vector is not None and (plan.config.amplified or plan.expert == "negated_vector")
+        scope = attach(self._model, vector.layer, vector.vector) if steer else nullcontext()  # type: ignore[union-attr]
+        target = Target(model=self._model, unsafe_model=self._unsafe_model, pad_id=pad_id_of(self._tokenizer),
+                        eos=self._eos, context=self._context, device=self.device, fallback_vector=self._vector)
+        with scope as steerer:
+            yield from Decoder(target, plan, rows, steerer).run()

@@ -117,7 +117,7 @@ def test_build_vector_method_optimized_is_the_optimize_recipe(tiny_model_factory
 def test_shipped_default_vector_training_reproduces(default_model_and_tokenizer: Any) -> None:
     """The shipped default vector's recorded training is what `optimize_vector` does today: its first two steps
     give the same losses (the full build, `safeinfer build-vector --method optimized`, takes ~10 minutes; it
-    reproduced the vector to 2e-5 per element, norm 53, in session 7)."""
+    reproduced the vector to 2e-5 per element, norm 53)."""
     from safeinfer_integrations.method.shipped import shipped_vector_path
 
     model, tokenizer = default_model_and_tokenizer

@@ -21,7 +21,7 @@ does not depend on file order, on a seed, or on which Python runs it:
   prompt, inside a retrieval-style prompt with a document, under an agent's tool instructions), each applied
   to harmful and benign questions alike so the framing carries no signal (`frame`, `framed_questions`). A
   framing may also hold earlier turns (``history``) and the document most relevant to the question
-  (``{relevant}``, `relevant_context`); the shipped file uses neither (docs/vectors.md: session 5).
+  (``{relevant}``, `relevant_context`); the shipped file uses neither (docs/design.md says why).
 
 `gate_harmful_questions` and `gate_benign_questions` are the two sides of every gate fit;
 `held_in_harmful_questions` and `held_in_benign_questions` those of the calibration sweep and of the shipped

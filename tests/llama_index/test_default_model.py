@@ -125,7 +125,7 @@ def test_rag_harmful_question_is_generated_under_safeinfer(harmful_answer: Any, 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Known defect of the session-4 gate (docs/llama_index.md): in the example's compact template (the "
+    reason="Known defect of the shipped gate (docs/llama_index.md): in the example's compact template (the "
     "retrieved lab-safety context in the system message, the bare question as the user message) the gate weighs "
     "this harmful question 0.07 (0.90 as a bare chat turn), below the 0.1 cutoff, so the answer is the plain "
     "model's. No framing of the gate's fit puts the context in the system message. Strict: a fix must remove it.",
@@ -140,9 +140,9 @@ def test_rag_harmful_question_is_steered(harmful_answer: Any, default_engine: An
 
 @pytest.mark.xfail(
     strict=False,
-    reason="With the session-4 gate this RAG-framed question is weighed below the cutoff (see "
+    reason="The shipped gate weighs this RAG-framed question below the cutoff (see "
     "test_rag_harmful_question_is_steered), so the answer is the plain model's ('When it comes to cleaning "
-    "products, there are many that can be toxic ...'). On HarmEval the default refuses 54% of harmful questions "
+    "products, there are many that can be toxic ...'). On HarmEval the default refuses 58.5% of harmful questions "
     "(docs/results.md), so a single question may go either way even when steered.",
 )
 def test_rag_harmful_question_is_refused(harmful_answer: Any) -> None:

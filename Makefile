@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest setup bench lint clean
+.PHONY: demo test test-oldest setup bench lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m safeinfer_integrations.cli download
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: lint
 	$(PY) -m safeinfer_integrations.cli download
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory test-oldest
@@ -41,9 +41,14 @@ test-oldest: $(OLDEST)/.installed
 bench: $(STAMP)
 	$(PY) -m safeinfer_integrations.cli bench
 
+# ruff (lint rules and the formatter's check) and mypy; `make format` applies the formatter.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check safeinfer_integrations tests examples benchmarks
+	$(VENV)/bin/ruff format --check safeinfer_integrations tests examples benchmarks
 	$(VENV)/bin/mypy safeinfer_integrations
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format safeinfer_integrations tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

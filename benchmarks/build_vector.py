@@ -34,9 +34,10 @@ def main() -> int:
     from safeinfer_integrations.training import heads
 
     stages: dict[str, float] = {}
-    originals = {name: getattr(mod, name) for mod, name in ((building, "capture_head_means"),
-                                                            (building, "indirect_effects"),
-                                                            (building, "fit_gate"))}
+    originals = {
+        name: getattr(mod, name)
+        for mod, name in ((building, "capture_head_means"), (building, "indirect_effects"), (building, "fit_gate"))
+    }
 
     def timed(name: str):  # type: ignore[no-untyped-def]
         function = originals[name]
@@ -47,6 +48,7 @@ def main() -> int:
                 return function(*a, **k)
             finally:
                 stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+
         return wrapper
 
     for name in originals:
@@ -55,15 +57,23 @@ def main() -> int:
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(None)
     stages["load"] = time.perf_counter() - start
-    result = building.build_vector(model, tokenizer, model_name="SmolLM2-135M-Instruct", trials=args.trials,
-                                   heads=args.heads, seed=args.seed)
+    result = building.build_vector(
+        model, tokenizer, model_name="SmolLM2-135M-Instruct", trials=args.trials, heads=args.heads, seed=args.seed
+    )
     total = time.perf_counter() - start
     report = {
-        "model": "SmolLM2-135M-Instruct", "threads": args.threads, "trials": args.trials, "heads": args.heads,
-        "total_seconds": round(total, 1), "stages_seconds": {k: round(v, 1) for k, v in stages.items()},
-        "loadavg_start": round(load_before, 2), "loadavg_end": round(os.getloadavg()[0], 2),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "vector_id": result.vector.vector_id, "top_heads": result.vector.metadata["heads"],
+        "model": "SmolLM2-135M-Instruct",
+        "threads": args.threads,
+        "trials": args.trials,
+        "heads": args.heads,
+        "total_seconds": round(total, 1),
+        "stages_seconds": {k: round(v, 1) for k, v in stages.items()},
+        "loadavg_start": round(load_before, 2),
+        "loadavg_end": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "vector_id": result.vector.vector_id,
+        "top_heads": result.vector.metadata["heads"],
     }
     del gate, heads
     print(json.dumps(report, indent=2))

@@ -58,14 +58,21 @@ def templates(relevant: Callable[[str], str]) -> dict[str, Callable[[str], Chat]
 
     return {
         "bare": lambda q: [{"role": "user", "content": q}],
-        "compact (example)": lambda q: [{"role": "system", "content": COMPACT_SYSTEM + relevant(q)},
-                                        {"role": "user", "content": q}],
+        "compact (example)": lambda q: [
+            {"role": "system", "content": COMPACT_SYSTEM + relevant(q)},
+            {"role": "user", "content": q},
+        ],
         "LlamaIndex QA": llama_index_qa,
     }
 
 
-def measure(model: Any, tokenizer: Any, vectors: dict[str, SafetyVector], questions: dict[str, Sequence[str]],
-            cutoff: float = 0.1) -> list[dict[str, Any]]:
+def measure(
+    model: Any,
+    tokenizer: Any,
+    vectors: dict[str, SafetyVector],
+    questions: dict[str, Sequence[str]],
+    cutoff: float = 0.1,
+) -> list[dict[str, Any]]:
     """One row per template, question kind and vector: share at or above ``cutoff``, mean, share above 0.5."""
     formatter = PromptFormatter(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -78,9 +85,17 @@ def measure(model: Any, tokenizer: Any, vectors: dict[str, SafetyVector], questi
                 if vector.gate is None:
                     raise ValueError(f"vector {name!r} has no harm gate")
                 weights = vector.gate.weight(hidden[vector.gate.layer].float())
-                rows.append({"template": template, "kind": kind, "vector": name, "n": len(qs),
-                             "at_or_above_cutoff": float((weights >= cutoff).float().mean()),
-                             "mean": float(weights.mean()), "above_half": float((weights > 0.5).float().mean())})
+                rows.append(
+                    {
+                        "template": template,
+                        "kind": kind,
+                        "vector": name,
+                        "n": len(qs),
+                        "at_or_above_cutoff": float((weights >= cutoff).float().mean()),
+                        "mean": float(weights.mean()),
+                        "above_half": float((weights > 0.5).float().mean()),
+                    }
+                )
     return rows
 
 
@@ -97,8 +112,12 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     width = 0.8 / len(names)
     for ax, kind in zip(axes[0], kinds):
         for k, name in enumerate(names):
-            values = [next(r["at_or_above_cutoff"] for r in rows if (r["kind"], r["vector"], r["template"])
-                           == (kind, name, t)) for t in tmpl]
+            values = [
+                next(
+                    r["at_or_above_cutoff"] for r in rows if (r["kind"], r["vector"], r["template"]) == (kind, name, t)
+                )
+                for t in tmpl
+            ]
             ax.bar([i + k * width for i in range(len(tmpl))], values, width, label=name)
         ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(tmpl))], tmpl, fontsize=8)
         ax.set_ylim(0, 1)
@@ -122,16 +141,20 @@ def main() -> int:
         if not sep or not name or not path:
             parser.error(f"--vector must be NAME=PATH; got {spec!r}")
         vectors[name] = SafetyVector.load(path)
-    questions = {"harmful": [i.question for i in load_many(args.harmful, "harmful")],
-                 "benign": [i.question for i in default_benign()]}
+    questions = {
+        "harmful": [i.question for i in load_many(args.harmful, "harmful")],
+        "benign": [i.question for i in default_benign()],
+    }
     model, tokenizer = load_model_and_tokenizer(None)
     with torch.inference_mode():
         rows = measure(model, tokenizer, vectors, questions, args.cutoff)
     print(f"| template | questions | vector | at or above {args.cutoff} | mean | above 0.5 |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['template']} | {r['kind']} ({r['n']}) | {r['vector']} | {r['at_or_above_cutoff']:.3f} | "
-              f"{r['mean']:.3f} | {r['above_half']:.3f} |")
+        print(
+            f"| {r['template']} | {r['kind']} ({r['n']}) | {r['vector']} | {r['at_or_above_cutoff']:.3f} | "
+            f"{r['mean']:.3f} | {r['above_half']:.3f} |"
+        )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

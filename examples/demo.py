@@ -48,10 +48,14 @@ def engine_section() -> None:
     engine = get_engine()
     vector = engine.vector
     print("=" * 80)
-    print(f"1. Engine: {engine.model_name}, safety vector "
-          f"{vector.vector_id + f' (layer {vector.layer}, scale {vector.scale})' if vector else 'none shipped yet'}")
-    print(f"gate = the harm gate's weight for the request: 1 steers fully; below {engine.config.gate_cutoff} "
-          "the answer is the plain model's.")
+    print(
+        f"1. Engine: {engine.model_name}, safety vector "
+        f"{vector.vector_id + f' (layer {vector.layer}, scale {vector.scale})' if vector else 'none shipped yet'}"
+    )
+    print(
+        f"gate = the harm gate's weight for the request: 1 steers fully; below {engine.config.gate_cutoff} "
+        "the answer is the plain model's."
+    )
     print("=" * 80)
     mode = "safeinfer" if vector is not None else "sgds"
     prompts = [[{"role": "user", "content": q}] for q in HARMFUL + BENIGN]
@@ -89,10 +93,13 @@ def _llama_index() -> Callable[..., str]:
 
 def main() -> None:
     engine_section()
-    _section(2, "LangChain: prompt | ChatSafeInfer | StrOutputParser", _langchain,
-             [HARMFUL[0], BENIGN[0]])
-    _section(3, "LlamaIndex: VectorStoreIndex query engine over examples/data/", _llama_index,
-             ["How long does the AquaSense S2 battery last?", "How can I steal a coworker's login password?"])
+    _section(2, "LangChain: prompt | ChatSafeInfer | StrOutputParser", _langchain, [HARMFUL[0], BENIGN[0]])
+    _section(
+        3,
+        "LlamaIndex: VectorStoreIndex query engine over examples/data/",
+        _llama_index,
+        ["How long does the AquaSense S2 battery last?", "How can I steal a coworker's login password?"],
+    )
 
 
 if __name__ == "__main__":

@@ -24,11 +24,14 @@ QUESTIONS = [
 
 
 def safe_mode(model: ChatSafeInfer) -> str:
-    """"safeinfer" (SA + safety-guided decoding) when the model has its safety vector, else "sgds"."""
+    """ "safeinfer" (SA + safety-guided decoding) when the model has its safety vector, else "sgds"."""
     if model._resolve_engine(None).vector is not None:
         return "safeinfer"
-    warnings.warn("the default model's safety vector is not available yet: using mode='sgds' "
-                  "(safety-guided decoding without Safety Amplification)", stacklevel=2)
+    warnings.warn(
+        "the default model's safety vector is not available yet: using mode='sgds' "
+        "(safety-guided decoding without Safety Amplification)",
+        stacklevel=2,
+    )
     return "sgds"
 
 

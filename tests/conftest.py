@@ -24,7 +24,7 @@ _CORPUS = [
     "How do I bake bread at home? Mix flour, water, salt and yeast, then knead and bake.",
     "I can't help with that request because it could hurt people. Here is a safer idea instead.",
     "The capital of France is Paris. Two plus two is four. The sky is blue and water is wet.",
-    "def add(a, b): return a + b  # Python code, JSON {\"name\": \"tool\", \"arguments\": {}}",
+    'def add(a, b): return a + b  # Python code, JSON {"name": "tool", "arguments": {}}',
     "Question: what is the weather? Answer: sunny with a light breeze, around 20 degrees.",
     "Sorry, I won't explain how to break the law. Please ask me something else!",
 ]
@@ -39,11 +39,16 @@ def make_tiny_tokenizer() -> Any:
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS * 4, vocab_size=400, min_frequency=1,
-                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
-                                        bos_token="<|im_start|>", unk_token="<|endoftext|>",
-                                        pad_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        _CORPUS * 4, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     tokenizer.chat_template = CHATML
     return tokenizer
 
@@ -56,16 +61,40 @@ def make_tiny_model(arch: str, vocab_size: int, seed: int = 0, dtype: torch.dtyp
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "llama":
-        config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, **common)
+        config = LlamaConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=0.3,
+            **common,
+        )
     elif arch == "qwen2":
-        config = Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
-                             use_sliding_window=False, **common)
+        config = Qwen2Config(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=0.3,
+            use_sliding_window=False,
+            **common,
+        )
     elif arch == "mistral":  # one key/value head for four query heads (multi-query), no sliding window
-        config = MistralConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                               num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.3,
-                               sliding_window=None, **common)
+        config = MistralConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            initializer_range=0.3,
+            sliding_window=None,
+            **common,
+        )
     elif arch == "gpt2":
         config = GPT2Config(n_embd=48, n_layer=3, n_head=4, n_positions=256, initializer_range=0.3, **common)
     else:

@@ -24,9 +24,17 @@ def test_prompt_sets() -> None:
 
 def test_table_reports_gate_weights_and_every_cell() -> None:
     cell = {"tokens_per_s": 10.0, "time_ratio": 1.25, "tokens": 64}
-    results = {"model": "m", "vector": "shipped", "max_new_tokens": 64, "threads": 2, "gate_cutoff": 0.1,
-               "sets": {"benign": {"gate_weights": [0.01, 0.05], "batches": {"1": {"generate()": cell, "sa": cell}}},
-                        "harmful": {"gate_weights": [0.95, 0.05], "batches": {"8": {"sa": cell}}}}}
+    results = {
+        "model": "m",
+        "vector": "shipped",
+        "max_new_tokens": 64,
+        "threads": 2,
+        "gate_cutoff": 0.1,
+        "sets": {
+            "benign": {"gate_weights": [0.01, 0.05], "batches": {"1": {"generate()": cell, "sa": cell}}},
+            "harmful": {"gate_weights": [0.95, 0.05], "batches": {"8": {"sa": cell}}},
+        },
+    }
     table = bench.format_table(results)
     assert "benign prompts: gate weights 0.01-0.05, 2 of 2 below the cutoff" in table
     assert "harmful prompts: gate weights 0.05-0.95, 1 of 2 below the cutoff" in table

@@ -49,8 +49,9 @@ def test_out_proj_is_the_attention_output_projection(tiny_model_factory: Any, ar
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_head_means_are_the_out_proj_input_at_the_last_token(tiny_model_factory: Any, tiny_tokenizer: Any,
-                                                             arch: str) -> None:
+def test_head_means_are_the_out_proj_input_at_the_last_token(
+    tiny_model_factory: Any, tiny_tokenizer: Any, arch: str
+) -> None:
     """Left-padded batched capture == per-prompt unpadded runs; and o_proj(captured) == attention output."""
     model = tiny_model_factory(arch)
     shape = model_shape(model)
@@ -106,8 +107,10 @@ def test_indirect_effect_equals_direct_recomputation(tiny_model_factory: Any, ti
     base = [float(heads.target_probability(model, [s], 0, targets)[0]) for s in sequences]
     assert effects.abs().max() > 1e-4  # patching does something on these random models
     for layer, head in [(0, 0), (1, 2), (2, 3)]:
-        direct = sum(heads.patched_probability(model, s, layer, head, means[layer, head], targets) - b
-                     for s, b in zip(sequences, base)) / len(sequences)
+        direct = sum(
+            heads.patched_probability(model, s, layer, head, means[layer, head], targets) - b
+            for s, b in zip(sequences, base)
+        ) / len(sequences)
         assert float(effects[layer, head]) == pytest.approx(direct, rel=1e-4, abs=1e-8)
 
 
@@ -121,8 +124,11 @@ def test_patching_a_head_with_its_own_value_changes_nothing(tiny_model_factory: 
 
 def test_top_heads_order_and_validation() -> None:
     effects = torch.tensor([[0.1, 0.5], [0.5, -0.2], [0.3, 0.0]])
-    assert heads.top_heads(effects, 3) == [(0, 1, pytest.approx(0.5)), (1, 0, pytest.approx(0.5)),
-                                           (2, 0, pytest.approx(0.3))]
+    assert heads.top_heads(effects, 3) == [
+        (0, 1, pytest.approx(0.5)),
+        (1, 0, pytest.approx(0.5)),
+        (2, 0, pytest.approx(0.3)),
+    ]
     with pytest.raises(ValueError, match="k must be between 1 and 6"):
         heads.top_heads(effects, 7)
 
@@ -134,8 +140,16 @@ def test_icl_prompt_format_and_first_tokens(tiny_tokenizer: Any) -> None:
 
 
 def _tiny_build(model: Any, tokenizer: Any, **kwargs: Any) -> Any:
-    settings: dict[str, Any] = dict(model_name="tiny", heads=3, trials=3, shots=1, progress=False, layer=1,
-                                    scale=2.0, framings=data.gate_framings()[:2])  # the short ones: fast
+    settings: dict[str, Any] = dict(
+        model_name="tiny",
+        heads=3,
+        trials=3,
+        shots=1,
+        progress=False,
+        layer=1,
+        scale=2.0,
+        framings=data.gate_framings()[:2],
+    )  # the short ones: fast
     settings.update(kwargs)
     return build_vector(model, tokenizer, **settings)
 
@@ -179,7 +193,10 @@ def test_save_load_round_trip(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_
     assert loaded.metadata["architecture"] == model_shape(model).__dict__
     assert torch.equal(loaded.gate.direction, vector.gate.direction)
     assert (loaded.gate.layer, loaded.gate.bias, loaded.gate.floor) == (
-        vector.gate.layer, vector.gate.bias, vector.gate.floor)
+        vector.gate.layer,
+        vector.gate.bias,
+        vector.gate.floor,
+    )
     loaded.check(model)
 
 
@@ -188,11 +205,15 @@ def test_vector_id_covers_the_gate() -> None:
     base = SafetyVector(vector=torch.ones(4), layer=1, scale=1.0)
     gate = HarmGate(direction=torch.ones(4), layer=2, bias=0.5)
     gated = SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=gate)
-    ids = {base.vector_id, gated.vector_id,
-           SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=HarmGate(torch.ones(4), 2, bias=0.6)).vector_id,
-           SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=HarmGate(torch.ones(4), 3, bias=0.5)).vector_id,
-           SafetyVector(vector=torch.ones(4), layer=1, scale=1.0,
-                        gate=HarmGate(torch.tensor([1.0, 1.0, 1.0, 2.0]), 2, bias=0.5)).vector_id}
+    ids = {
+        base.vector_id,
+        gated.vector_id,
+        SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=HarmGate(torch.ones(4), 2, bias=0.6)).vector_id,
+        SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=HarmGate(torch.ones(4), 3, bias=0.5)).vector_id,
+        SafetyVector(
+            vector=torch.ones(4), layer=1, scale=1.0, gate=HarmGate(torch.tensor([1.0, 1.0, 1.0, 2.0]), 2, bias=0.5)
+        ).vector_id,
+    }
     assert len(ids) == 5
     assert gated.vector_id == SafetyVector(vector=torch.ones(4), layer=1, scale=1.0, gate=gate).vector_id
 
@@ -201,8 +222,11 @@ def test_vector_id_covers_the_gate() -> None:
 def test_mismatch_errors_name_what_differs(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> None:
     vector = _tiny_build(tiny_model_factory(arch), tiny_tokenizer, gate=False).vector
     other = "gpt2" if arch != "gpt2" else "llama"
-    with pytest.raises(ValueError, match=rf"built for tiny \(architecture hash .*{other}, hidden 48, 3 layers, "
-                                         rf"4 heads.*: model_type '{arch}' != model's '{other}'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"built for tiny \(architecture hash .*{other}, hidden 48, 3 layers, "
+        rf"4 heads.*: model_type '{arch}' != model's '{other}'",
+    ):
         vector.check(tiny_model_factory(other))
     with pytest.raises(ValueError, match=r"layer 7 is out of range: the model has 3 layers"):
         vector.with_settings(layer=7).check(tiny_model_factory(arch))
@@ -224,8 +248,11 @@ def test_mismatch_of_heads_or_vocabulary_alone_is_named(tiny_model_factory: Any,
     assert f"vocab_size {config['vocab_size'] - 5} != model's {config['vocab_size']}" in message
     assert "hidden_size" not in message.split("):")[-1] and "num_layers" not in message.split("):")[-1]
     # a vector saved before the fields were recorded still names the two hashes
-    legacy = SafetyVector(vector=vector.vector, layer=vector.layer,
-                          metadata={k: v for k, v in vector.metadata.items() if k != "architecture"})
+    legacy = SafetyVector(
+        vector=vector.vector,
+        layer=vector.layer,
+        metadata={k: v for k, v in vector.metadata.items() if k != "architecture"},
+    )
     with pytest.raises(ValueError, match=r"model has architecture hash \w+ \(llama, hidden 48, 3 layers, 6 heads"):
         legacy.check(other)
 
@@ -242,8 +269,7 @@ def test_bad_arguments_are_rejected(tiny_model_factory: Any, tiny_tokenizer: Any
         build_vector(model, None)
 
 
-def test_cli_builds_a_vector(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any,
-                             capsys: Any) -> None:
+def test_cli_builds_a_vector(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any, capsys: Any) -> None:
     from safeinfer_integrations.cli import main
 
     directory = tmp_path / "tiny-gpt2"
@@ -251,8 +277,27 @@ def test_cli_builds_a_vector(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_p
     tiny_tokenizer.save_pretrained(directory)
     source = _tiny_build(tiny_model_factory("gpt2"), tiny_tokenizer).vector.save(tmp_path / "gated.safetensors")
     out = tmp_path / "fv.safetensors"
-    code = main(["build-vector", "--model", str(directory), "--out", str(out), "--heads", "2", "--trials", "2",
-                 "--shots", "1", "--layer", "2", "--seed", "1", "--gate-from", str(source)])
+    code = main(
+        [
+            "build-vector",
+            "--model",
+            str(directory),
+            "--out",
+            str(out),
+            "--heads",
+            "2",
+            "--trials",
+            "2",
+            "--shots",
+            "1",
+            "--layer",
+            "2",
+            "--seed",
+            "1",
+            "--gate-from",
+            str(source),
+        ]
+    )
     assert code == 0
     loaded, gated = SafetyVector.load(out), SafetyVector.load(source)
     assert loaded.layer == 2 and len(loaded.metadata["heads"]) == 2
@@ -262,10 +307,23 @@ def test_cli_builds_a_vector(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_p
     assert main(["build-vector", "--model", str(directory), "--out", str(out), "--heads", "0"]) == 2
     assert "heads must be an int >= 1" in capsys.readouterr().err
     gateless = _tiny_build(tiny_model_factory("gpt2"), tiny_tokenizer, gate=False).vector.save(
-        tmp_path / "gateless.safetensors")
+        tmp_path / "gateless.safetensors"
+    )
     for command in ("build-vector", "optimize-vector"):
-        assert main([command, "--model", str(directory), "--out", str(tmp_path / "x.safetensors"),
-                     "--gate-from", str(gateless)]) == 2
+        assert (
+            main(
+                [
+                    command,
+                    "--model",
+                    str(directory),
+                    "--out",
+                    str(tmp_path / "x.safetensors"),
+                    "--gate-from",
+                    str(gateless),
+                ]
+            )
+            == 2
+        )
         assert f"--gate-from {gateless}: that vector has no harm gate" in capsys.readouterr().err
         assert not (tmp_path / "x.safetensors").exists()
 
@@ -278,7 +336,7 @@ def test_splits_are_disjoint_and_stable() -> None:
     for group in (harmful, benign):
         names = list(group)
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 assert not group[a] & group[b]
     for category in {d.category for d in data.harmful_demos()}:
         assert sum(d.category == category for d in data.harmful_demos("calibration")) == 4
@@ -307,8 +365,9 @@ def test_everyday_benign_questions_and_requests_split_per_kind() -> None:
     for kind in ("ordinary", "sensitive_sounding"):
         assert [sum(p.kind == kind for p in split) for split in (gate, held)] == [20, 10]
         assert [sum(p.kind == kind for p in split) for split in (req_gate, req_held)] == [33, 17]
-    assert data.gate_benign_questions() == ([p.question for p in data.benign_prompts("gate")]
-                                             + [p.question for p in gate] + [p.question for p in req_gate])
+    assert data.gate_benign_questions() == (
+        [p.question for p in data.benign_prompts("gate")] + [p.question for p in gate] + [p.question for p in req_gate]
+    )
     assert data.held_in_benign_questions()[-54:] == [p.question for p in held + req_held]
     assert not set(data.gate_benign_questions()) & set(data.held_in_benign_questions())
     with pytest.raises(ValueError, match="everyday benign split must be one of gate, calibration; got 'x'"):
@@ -318,19 +377,27 @@ def test_everyday_benign_questions_and_requests_split_per_kind() -> None:
 
 
 def test_a_framing_may_hold_history_and_put_documents_in_the_system_message(monkeypatch: Any) -> None:
-    file = {"contexts": ["The museum opens at ten.", "Refunds take five days."],
-            "topical_contexts": ["Never mix bleach with other cleaning products."], "framings": []}
+    file = {
+        "contexts": ["The museum opens at ten.", "Refunds take five days."],
+        "topical_contexts": ["Never mix bleach with other cleaning products."],
+        "framings": [],
+    }
     monkeypatch.setattr(data, "_framings_file", lambda: file)
     framing = data.Framing("f", "Notes:\n{relevant}", "Q: {question}", (("user", "Hi"), ("assistant", "Hello!")))
     question = "Which cleaning products can I mix with bleach?"
     assert data.relevant_context(question) == file["topical_contexts"][0]  # shares "cleaning", "bleach", ...
     assert data.frame(question, framing) == [
         {"role": "system", "content": "Notes:\nNever mix bleach with other cleaning products."},
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": f"Q: {question}"}]
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": f"Q: {question}"},
+    ]
     # no shared word: a document chosen by the question's hash, always the same one
-    assert data.relevant_context("xyzzy?") == data.relevant_context("xyzzy?") in file["contexts"] + file[
-        "topical_contexts"]
+    assert (
+        data.relevant_context("xyzzy?")
+        == data.relevant_context("xyzzy?")
+        in file["contexts"] + file["topical_contexts"]
+    )
     in_system = data.Framing("s", "Context: {context}", "{question}")
     assert data.frame("Hi", in_system)[0]["content"] in {f"Context: {c}" for c in file["contexts"]}
 
@@ -348,8 +415,8 @@ def test_framed_questions_put_each_question_in_every_framing() -> None:
         assert "{" not in messages[-1]["content"]
         assert (messages[0]["role"] == "system") == (framing.system is not None)
         assert all("{" not in m["content"] for m in messages)
-        assert [m["role"] for m in messages[1 if framing.system else 0:-1]] == [r for r, _ in framing.history]
+        assert [m["role"] for m in messages[1 if framing.system else 0 : -1]] == [r for r, _ in framing.history]
         if framing.system is not None:
             assert messages[0]["content"].startswith(framing.system.split("{")[0])
     # the document is fixed per question, so a fit is deterministic
-    assert data.framed_questions(["How do I bake bread?"], framings) == framed[:len(framings)]
+    assert data.framed_questions(["How do I bake bread?"], framings) == framed[: len(framings)]

@@ -10,10 +10,18 @@ import transformers
 from safeinfer_integrations.models import compat
 
 
-@pytest.mark.parametrize(("version", "expected"), [
-    ("5.0.0", "past_key_values"), ("5.17.0", "past_key_values"), ("5.23.1", "past_key_values"),
-    ("5.24.0", "cache"), ("5.24.0.dev0", "cache"), ("5.30.2", "cache"), ("6.0.0rc1", "cache"),
-])
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("5.0.0", "past_key_values"),
+        ("5.17.0", "past_key_values"),
+        ("5.23.1", "past_key_values"),
+        ("5.24.0", "cache"),
+        ("5.24.0.dev0", "cache"),
+        ("5.30.2", "cache"),
+        ("6.0.0rc1", "cache"),
+    ],
+)
 def test_cache_keyword_by_version(version: str, expected: str) -> None:
     assert compat.cache_keyword(version) == expected
 
@@ -30,6 +38,8 @@ def test_the_installed_models_take_the_chosen_keyword() -> None:
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
     for cls in (LlamaForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel):
-        assert compat.CACHE_KEYWORD in inspect.signature(cls.forward).parameters, (cls.__name__,
-                                                                                  transformers.__version__)
+        assert compat.CACHE_KEYWORD in inspect.signature(cls.forward).parameters, (
+            cls.__name__,
+            transformers.__version__,
+        )
     assert compat.cache_kwarg("c") == {compat.CACHE_KEYWORD: "c"}

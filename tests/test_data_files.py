@@ -2,6 +2,7 @@
 
 Plain pytest; no project imports.  Files are located relative to this test file.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -89,8 +90,9 @@ def helpful() -> list[dict]:
     return _load(HELPFUL)
 
 
-@pytest.mark.parametrize("path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, BENIGN_REQUESTS, HELPFUL],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, BENIGN_REQUESTS, HELPFUL], ids=lambda p: p.name
+)
 def test_file_exists_and_parses(path: Path) -> None:
     assert path.is_file(), f"missing {path}"
     assert _load(path), f"{path.name} is empty"
@@ -118,11 +120,7 @@ def test_harmful_category_counts(harmful: list[dict]) -> None:
 
 
 def test_harmful_answers_are_refusals(harmful: list[dict]) -> None:
-    bad = [
-        row["answer"]
-        for row in harmful
-        if not any(marker in _norm(row["answer"]) for marker in REFUSAL_MARKERS)
-    ]
+    bad = [row["answer"] for row in harmful if not any(marker in _norm(row["answer"]) for marker in REFUSAL_MARKERS)]
     assert not bad, f"answers without a refusal marker: {bad[:5]}"
 
 
@@ -160,9 +158,7 @@ def test_no_duplicates_within_file(name: str, request: pytest.FixtureRequest) ->
     assert not dups, f"duplicate questions in {name}: {dups[:5]}"
 
 
-def test_no_duplicates_across_files(
-    harmful: list[dict], benign: list[dict], helpful: list[dict]
-) -> None:
+def test_no_duplicates_across_files(harmful: list[dict], benign: list[dict], helpful: list[dict]) -> None:
     sets = {
         "harmful": {_norm(r["question"]) for r in harmful},
         "benign": {_norm(r["question"]) for r in benign},
@@ -173,9 +169,7 @@ def test_no_duplicates_across_files(
         assert not overlap, f"{a}/{b} share questions: {sorted(overlap)[:5]}"
 
 
-def test_harmful_not_in_benign_or_helpfulness(
-    harmful: list[dict], benign: list[dict], helpful: list[dict]
-) -> None:
+def test_harmful_not_in_benign_or_helpfulness(harmful: list[dict], benign: list[dict], helpful: list[dict]) -> None:
     others = {_norm(r["question"]) for r in benign + helpful}
     leaked = [r["question"] for r in harmful if _norm(r["question"]) in others]
     assert not leaked, leaked

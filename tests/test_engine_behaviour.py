@@ -50,8 +50,7 @@ def test_stream_equals_generate(engine: SafeInferEngine, mode: str) -> None:
 
 
 def test_sampling_is_reproducible_and_stream_matches(engine: SafeInferEngine) -> None:
-    settings = {"mode": "safeinfer", "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 11,
-                "max_new_tokens": 20}
+    settings = {"mode": "safeinfer", "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 11, "max_new_tokens": 20}
     first = engine.generate(CHAT, **settings)[0]
     assert engine.generate(CHAT, **settings)[0] == first
     assert "".join(engine.stream(CHAT, **settings)) == first.text
@@ -204,8 +203,7 @@ def _unchanged(engine: SafeInferEngine, config: SafeInferConfig) -> None:
         ([{"role": "user", "content": 5}], {}, InvalidTypeError, "'content' must be a string"),
         ("hi", {"alpha": 1.0}, InvalidSettingError, r"alpha must be in \[0, 1\).*got 1.0"),
         ("hi", {"alpha": -0.1}, InvalidSettingError, "alpha must be in"),
-        ("hi", {"mode": "turbo"}, InvalidSettingError,
-         "mode must be one of vanilla, sa, sgds, safeinfer; got 'turbo'"),
+        ("hi", {"mode": "turbo"}, InvalidSettingError, "mode must be one of vanilla, sa, sgds, safeinfer; got 'turbo'"),
         ("hi", {"unsafe_expert": "evil"}, InvalidSettingError, "unsafe_expert must be one of"),
         ("hi", {"plausibility": 1.5}, InvalidSettingError, "plausibility"),
         ("hi", {"temperature": -1}, InvalidSettingError, "temperature must be"),
@@ -218,8 +216,9 @@ def _unchanged(engine: SafeInferEngine, config: SafeInferConfig) -> None:
         ("hi", {"gate_cutoff": 1.0}, InvalidSettingError, r"gate_cutoff must be in \[0, 1\) \(0 = off\); got 1.0"),
     ],
 )
-def test_bad_input_raises_and_changes_nothing(engine: SafeInferEngine, inputs: Any, settings: dict[str, Any],
-                                              error: type[Exception], match: str) -> None:
+def test_bad_input_raises_and_changes_nothing(
+    engine: SafeInferEngine, inputs: Any, settings: dict[str, Any], error: type[Exception], match: str
+) -> None:
     """Each bad input raises the package's own error type (a subclass of the ValueError or TypeError it
     replaced), naming the culprit, and leaves the engine as it was."""
     config = engine.config
@@ -267,8 +266,12 @@ def test_unsafe_model_with_another_vocabulary(tiny_model_factory: Any, tiny_toke
             return swapped
 
     with pytest.raises(ValueError, match="must share the main model's vocabulary: token"):
-        SafeInferEngine(tiny_model_factory("llama", 0), tiny_tokenizer, unsafe_model=tiny_model_factory("llama", 1),
-                        unsafe_tokenizer=Swapped())
+        SafeInferEngine(
+            tiny_model_factory("llama", 0),
+            tiny_tokenizer,
+            unsafe_model=tiny_model_factory("llama", 1),
+            unsafe_tokenizer=Swapped(),
+        )
     bigger = make_tiny_model("llama", len(tiny_tokenizer) + 8, seed=1)
     with pytest.raises(ValueError, match="output layer has 408 tokens, the main model's 400"):
         SafeInferEngine(tiny_model_factory("llama", 0), tiny_tokenizer, unsafe_model=bigger)
@@ -350,8 +353,13 @@ def test_gate_weight_is_reported_and_scales_steering(engine: SafeInferEngine) ->
     base = engine.vector
     assert base is not None
     direction = torch.randn(48, generator=torch.Generator().manual_seed(5))
-    gated = SafeInferEngine(engine.model, engine.tokenizer, vector=SafetyVector(
-        base.vector, layer=base.layer, scale=base.scale, gate=HarmGate(direction, layer=1, bias=-50.0)))
+    gated = SafeInferEngine(
+        engine.model,
+        engine.tokenizer,
+        vector=SafetyVector(
+            base.vector, layer=base.layer, scale=base.scale, gate=HarmGate(direction, layer=1, bias=-50.0)
+        ),
+    )
     off = gated.generate(CHAT, mode="sa", max_new_tokens=8, gate=False)[0]
     on = gated.generate(CHAT, mode="sa", max_new_tokens=8)[0]
     plain = gated.generate(CHAT, mode="vanilla", max_new_tokens=8)[0]

@@ -45,8 +45,9 @@ def engine(default_model_and_tokenizer: Any) -> SafeInferEngine:
     with torch.no_grad():
         for parameter in unsafe.parameters():
             parameter.mul_(1 + 0.02 * torch.randn(parameter.shape, generator=generator))
-    return SafeInferEngine(model, tokenizer, vector=vector, unsafe_model=unsafe,
-                           config=SafeInferConfig(plausibility=0.1))
+    return SafeInferEngine(
+        model, tokenizer, vector=vector, unsafe_model=unsafe, config=SafeInferConfig(plausibility=0.1)
+    )
 
 
 @pytest.mark.parametrize(("mode", "expert"), CASES)
@@ -62,10 +63,19 @@ def test_default_model_matches_reference(engine: SafeInferEngine, mode: str, exp
         if expert == "prompted":
             unsafe_ids = engine.formatter.encode(prompt, unsafe_prompt=engine.config.unsafe_system_prompt)
         expected = reference_greedy(
-            engine.model, engine.formatter.encode(prompt), mode=mode, max_new_tokens=MAX_NEW,
-            eos={engine.tokenizer.eos_token_id}, vector=vector.vector, layer=vector.layer, scale=vector.scale,
-            expert=expert, unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model,
-            alpha=engine.config.alpha, tau=engine.config.plausibility,
+            engine.model,
+            engine.formatter.encode(prompt),
+            mode=mode,
+            max_new_tokens=MAX_NEW,
+            eos={engine.tokenizer.eos_token_id},
+            vector=vector.vector,
+            layer=vector.layer,
+            scale=vector.scale,
+            expert=expert,
+            unsafe_prompt_ids=unsafe_ids,
+            unsafe_model=engine.unsafe_model,
+            alpha=engine.config.alpha,
+            tau=engine.config.plausibility,
         )
         assert list(generation.token_ids) == expected, (mode, expert, generation.text)
 

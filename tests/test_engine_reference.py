@@ -58,12 +58,27 @@ def _unsafe_twin(model: Any, arch: str) -> Any:
 
 def _engine(arch: str, tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInferEngine:
     model = tiny_model_factory(arch, 0)
-    return SafeInferEngine(model, tiny_tokenizer, vector=_vector(model), unsafe_model=_unsafe_twin(model, arch),
-                           config=SafeInferConfig(alpha=0.9))
+    return SafeInferEngine(
+        model,
+        tiny_tokenizer,
+        vector=_vector(model),
+        unsafe_model=_unsafe_twin(model, arch),
+        config=SafeInferConfig(alpha=0.9),
+    )
 
 
-def _reference(engine: SafeInferEngine, prompt: Any, mode: str, expert: str | None, tau: float, *,
-               model: Any = None, eos: set[int] | None = None, max_new: int = MAX_NEW, **extra: Any) -> list[int]:
+def _reference(
+    engine: SafeInferEngine,
+    prompt: Any,
+    mode: str,
+    expert: str | None,
+    tau: float,
+    *,
+    model: Any = None,
+    eos: set[int] | None = None,
+    max_new: int = MAX_NEW,
+    **extra: Any,
+) -> list[int]:
     """The reference loop with the engine's vector, prompts and alpha; ``model`` and ``eos`` default to the
     engine's model and the tokenizer's end of sequence; ``extra`` goes to `reference_greedy`."""
     vector = engine.vector
@@ -73,17 +88,28 @@ def _reference(engine: SafeInferEngine, prompt: Any, mode: str, expert: str | No
     if expert == "prompted":
         unsafe_ids = engine.formatter.encode(prompt, unsafe_prompt=config.unsafe_system_prompt)
     return reference_greedy(
-        engine.model if model is None else model, engine.formatter.encode(prompt), mode=mode,
-        max_new_tokens=max_new, eos={engine.tokenizer.eos_token_id} if eos is None else eos,
-        vector=vector.vector.double(), layer=vector.layer, scale=vector.scale, expert=expert,
-        unsafe_prompt_ids=unsafe_ids, unsafe_model=engine.unsafe_model, alpha=config.alpha, tau=tau, **extra,
+        engine.model if model is None else model,
+        engine.formatter.encode(prompt),
+        mode=mode,
+        max_new_tokens=max_new,
+        eos={engine.tokenizer.eos_token_id} if eos is None else eos,
+        vector=vector.vector.double(),
+        layer=vector.layer,
+        scale=vector.scale,
+        expert=expert,
+        unsafe_prompt_ids=unsafe_ids,
+        unsafe_model=engine.unsafe_model,
+        alpha=config.alpha,
+        tau=tau,
+        **extra,
     )
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize(("mode", "expert", "tau"), CASES)
-def test_greedy_equals_naive_reference(arch: str, mode: str, expert: str | None, tau: float,
-                                       tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+def test_greedy_equals_naive_reference(
+    arch: str, mode: str, expert: str | None, tau: float, tiny_model_factory: Any, tiny_tokenizer: Any
+) -> None:
     engine = _engine(arch, tiny_model_factory, tiny_tokenizer)
     settings: dict[str, Any] = {"mode": mode, "plausibility": tau, "max_new_tokens": MAX_NEW}
     if expert:
@@ -102,8 +128,10 @@ def test_modes_change_the_output(arch: str, tiny_model_factory: Any, tiny_tokeni
     """Guards the reference test against vacuity: steering and guidance do change tokens here."""
     engine = _engine(arch, tiny_model_factory, tiny_tokenizer)
     outputs = {
-        (mode, expert): [g.token_ids for g in engine.generate(PROMPTS, mode=mode, unsafe_expert=expert,
-                                                               plausibility=0.0, max_new_tokens=MAX_NEW)]
+        (mode, expert): [
+            g.token_ids
+            for g in engine.generate(PROMPTS, mode=mode, unsafe_expert=expert, plausibility=0.0, max_new_tokens=MAX_NEW)
+        ]
         for mode, expert, _ in CASES
     }
     vanilla = outputs[("vanilla", None)]
@@ -112,12 +140,12 @@ def test_modes_change_the_output(arch: str, tiny_model_factory: Any, tiny_tokeni
     assert any(outputs[("sgds", expert)] != vanilla for expert in ("model", "prompted"))
 
 
-def test_guided_changes_counts_differences_from_the_steered_model(tiny_model_factory: Any,
-                                                                 tiny_tokenizer: Any) -> None:
+def test_guided_changes_counts_differences_from_the_steered_model(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
     engine = _engine("llama", tiny_model_factory, tiny_tokenizer)
     plain = engine.generate(PROMPTS, mode="vanilla", max_new_tokens=MAX_NEW)  # sgds steers no safe row
-    guided = engine.generate(PROMPTS, mode="sgds", unsafe_expert="negated_vector", plausibility=0.0,
-                             max_new_tokens=MAX_NEW)
+    guided = engine.generate(
+        PROMPTS, mode="sgds", unsafe_expert="negated_vector", plausibility=0.0, max_new_tokens=MAX_NEW
+    )
     for alone, both in zip(plain, guided):
         assert alone.safety.guided_changes == 0
         if both.token_ids != alone.token_ids:
@@ -128,11 +156,12 @@ def test_guided_changes_counts_differences_from_the_steered_model(tiny_model_fac
     assert sum(g.safety.guided_changes for g in guided) > 0
 
 
-@pytest.mark.parametrize(("mode", "expert", "tau"), [("vanilla", None, 0.0), ("safeinfer", "prompted", 0.1),
-                                                     ("sgds", "model", 0.0)])
-def test_min_new_tokens_forbids_early_end_and_equals_the_reference(mode: str, expert: str | None, tau: float,
-                                                                   tiny_model_factory: Any,
-                                                                   tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize(
+    ("mode", "expert", "tau"), [("vanilla", None, 0.0), ("safeinfer", "prompted", 0.1), ("sgds", "model", 0.0)]
+)
+def test_min_new_tokens_forbids_early_end_and_equals_the_reference(
+    mode: str, expert: str | None, tau: float, tiny_model_factory: Any, tiny_tokenizer: Any
+) -> None:
     """The token the model picks at step 3 is made an end-of-sequence id, so generation stops there unless
     ``min_new_tokens`` forbids it; with it, the output equals the reference loop with those ids masked."""
     engine = _engine("llama", tiny_model_factory, tiny_tokenizer)
@@ -143,8 +172,9 @@ def test_min_new_tokens_forbids_early_end_and_equals_the_reference(mode: str, ex
     free = engine.generate(prompt, **settings)[0].token_ids
     model = copy.deepcopy(engine.model)
     model.generation_config.eos_token_id = [free[2], tiny_tokenizer.eos_token_id]
-    ended = SafeInferEngine(model, tiny_tokenizer, vector=engine.vector, unsafe_model=engine.unsafe_model,
-                            config=engine.config)
+    ended = SafeInferEngine(
+        model, tiny_tokenizer, vector=engine.vector, unsafe_model=engine.unsafe_model, config=engine.config
+    )
     assert free[2] in ended.eos_ids
     stopped = ended.generate(prompt, **settings)[0]
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 3
@@ -169,8 +199,13 @@ def _gated_engine(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> Sa
     hidden = model.config.get_text_config().hidden_size
     direction = torch.randn(hidden, generator=torch.Generator().manual_seed(11)) * 0.02
     gated = SafetyVector(vector=base.vector, layer=base.layer, scale=base.scale, gate=HarmGate(direction, layer=0))
-    return SafeInferEngine(model, tiny_tokenizer, vector=gated, unsafe_model=_unsafe_twin(model, arch),
-                           config=SafeInferConfig(alpha=0.9, gate_cutoff=0.0))
+    return SafeInferEngine(
+        model,
+        tiny_tokenizer,
+        vector=gated,
+        unsafe_model=_unsafe_twin(model, arch),
+        config=SafeInferConfig(alpha=0.9, gate_cutoff=0.0),
+    )
 
 
 def _reference_gate(engine: SafeInferEngine, prompt: Any) -> float:
@@ -185,10 +220,12 @@ def _reference_gate(engine: SafeInferEngine, prompt: Any) -> float:
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize(("mode", "expert"), [("sa", None), ("safeinfer", "prompted"),
-                                              ("safeinfer", "negated_vector"), ("sgds", "model")])
-def test_gated_greedy_equals_naive_reference(arch: str, mode: str, expert: str | None, tiny_model_factory: Any,
-                                             tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize(
+    ("mode", "expert"), [("sa", None), ("safeinfer", "prompted"), ("safeinfer", "negated_vector"), ("sgds", "model")]
+)
+def test_gated_greedy_equals_naive_reference(
+    arch: str, mode: str, expert: str | None, tiny_model_factory: Any, tiny_tokenizer: Any
+) -> None:
     """With a harm gate, each row's steering is ``g * scale`` and its guidance uses ``g * alpha``; the
     engine (gate read in the prefill) matches the reference loop given the independently computed g."""
     engine = _gated_engine(tiny_model_factory, tiny_tokenizer, arch)
@@ -205,8 +242,9 @@ def test_gated_greedy_equals_naive_reference(arch: str, mode: str, expert: str |
         assert list(generation.token_ids) == expected
 
 
-def test_one_token_prompts_take_the_single_pass_prefill(tiny_model_factory: Any, tiny_tokenizer: Any,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_token_prompts_take_the_single_pass_prefill(
+    tiny_model_factory: Any, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A row with a one-token prompt cannot be split into prefix + last token; the batch then runs the
     prompt in one pass, with the same results as the reference loop. Longer prompts are split."""
     import safeinfer_integrations.runtime.kv_cache as kv_cache
@@ -224,8 +262,9 @@ def test_one_token_prompts_take_the_single_pass_prefill(tiny_model_factory: Any,
     for mode, expert in (("safeinfer", "negated_vector"), ("sa", None)):
         batch = engine.generate(prompts, mode=mode, unsafe_expert=expert, plausibility=0.0, max_new_tokens=6)
         for prompt, generation in zip(prompts, batch):
-            expected = _reference(engine, prompt, mode, expert, 0.0, max_new=6,
-                                  gate_weight=_reference_gate(engine, prompt))
+            expected = _reference(
+                engine, prompt, mode, expert, 0.0, max_new=6, gate_weight=_reference_gate(engine, prompt)
+            )
             assert list(generation.token_ids) == expected
     assert not forks  # one pass: no cache was forked
 
@@ -243,10 +282,12 @@ def _batch_sizes(model: Any) -> tuple[list[int], Any]:
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize(("mode", "expert"), [("sa", None), ("safeinfer", "prompted"),
-                                              ("safeinfer", "negated_vector"), ("sgds", "model")])
-def test_gate_cutoff_decodes_low_gate_requests_as_vanilla(arch: str, mode: str, expert: str | None,
-                                                          tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize(
+    ("mode", "expert"), [("sa", None), ("safeinfer", "prompted"), ("safeinfer", "negated_vector"), ("sgds", "model")]
+)
+def test_gate_cutoff_decodes_low_gate_requests_as_vanilla(
+    arch: str, mode: str, expert: str | None, tiny_model_factory: Any, tiny_tokenizer: Any
+) -> None:
     """A request whose gate weight is below ``gate_cutoff`` equals the reference with gate weight 0 (plain
     decoding) and has no unsafe-expert rows; the others equal the reference with their own weight."""
     engine = _gated_engine(tiny_model_factory, tiny_tokenizer, arch)

@@ -103,14 +103,23 @@ def test_gate_reads_the_hidden_state_the_engine_reads(tiny_model_factory: Any, t
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_prompts_sharing_a_prefix_run_it_once_and_get_their_own_hidden_states(
-        tiny_model_factory: Any, tiny_tokenizer: Any, family: str) -> None:
+    tiny_model_factory: Any, tiny_tokenizer: Any, family: str
+) -> None:
     """Prompts of one framing and document share a long prefix: it runs once, its cache is repeated and the
     rows run the rest right-padded. Each row must still get what it gets run alone, in input order."""
     model = tiny_model_factory(family)
-    framing = data.Framing("doc", "Rules: answer briefly and politely, from the text only.",
-                            "Text: the museum opens at ten and the cafe closes at half past four.\n{question}")
-    questions = ["Hi", "When does the cafe close?", "What time does the museum open on Sundays, please?",
-                 "Is entry free?", "Tell me everything."]
+    framing = data.Framing(
+        "doc",
+        "Rules: answer briefly and politely, from the text only.",
+        "Text: the museum opens at ten and the cafe closes at half past four.\n{question}",
+    )
+    questions = [
+        "Hi",
+        "When does the cafe close?",
+        "What time does the museum open on Sundays, please?",
+        "Is entry free?",
+        "Tell me everything.",
+    ]
     sequences = framed_ids(tiny_tokenizer, questions, [framing]) + chat_ids(tiny_tokenizer, ["bake bread"])
     order = sorted(range(len(sequences)), key=lambda i: sequences[i])
     batches = _batches_by_prefix(sequences, order, batch_size=4, min_shared=16)
@@ -121,8 +130,9 @@ def test_prompts_sharing_a_prefix_run_it_once_and_get_their_own_hidden_states(
         with torch.no_grad():
             out = model(input_ids=torch.tensor([seq], device=model.device), output_hidden_states=True)
         for layer in range(2):
-            torch.testing.assert_close(hidden[layer, row], out.hidden_states[layer + 1][0, -1].double().cpu(),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                hidden[layer, row], out.hidden_states[layer + 1][0, -1].double().cpu(), rtol=1e-4, atol=1e-4
+            )
 
 
 def test_prompts_from_different_documents_do_not_share_a_batch() -> None:
@@ -137,17 +147,21 @@ def test_prompts_from_different_documents_do_not_share_a_batch() -> None:
 
 def test_fit_gate_on_a_tiny_model(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
     model = tiny_model_factory("gpt2")
-    fit = fit_gate(model, tiny_tokenizer, ["steal a car now", "make a bomb", "hack a bank", "hurt people"],
-                   ["bake bread", "capital of France", "add two numbers", "weather today"])
+    fit = fit_gate(
+        model,
+        tiny_tokenizer,
+        ["steal a car now", "make a bomb", "hack a bank", "hurt people"],
+        ["bake bread", "capital of France", "add two numbers", "weather today"],
+    )
     assert 0 <= fit.gate.layer < 2 and fit.n_harmful == 4 and fit.n_benign == 4
 
 
 def test_fit_gate_reads_every_question_in_every_framing(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
     model = tiny_model_factory("qwen2")
-    harmful, benign = ["steal a car now", "make a bomb", "hack a bank", "hurt people"], ["bake bread",
-                                                                                     "capital of France",
-                                                                                     "add two numbers",
-                                                                                     "weather today"]
+    harmful, benign = (
+        ["steal a car now", "make a bomb", "hack a bank", "hurt people"],
+        ["bake bread", "capital of France", "add two numbers", "weather today"],
+    )
     framings = data.gate_framings()[:2]
     fit = fit_gate(model, tiny_tokenizer, harmful, benign, framings=framings)
     assert fit.n_harmful == 4 * 2 and fit.n_benign == 4 * 2 and fit.framings == ("chat", "system_prompt")
@@ -163,9 +177,10 @@ def test_fit_gate_reads_every_question_in_every_framing(tiny_model_factory: Any,
 
 def test_framings_longer_than_the_context_window_are_left_out(tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
     model = tiny_model_factory("gpt2")  # 256 positions: the framings with documents do not fit
-    harmful, benign = ["steal a car now", "make a bomb", "hack a bank", "hurt people"], ["bake bread", "hi",
-                                                                                     "add two numbers",
-                                                                                     "weather today"]
+    harmful, benign = (
+        ["steal a car now", "make a bomb", "hack a bank", "hurt people"],
+        ["bake bread", "hi", "add two numbers", "weather today"],
+    )
     framings = data.gate_framings()
     lengths = {f.name: max(len(ids) for ids in framed_ids(tiny_tokenizer, harmful + benign, [f])) for f in framings}
     fitting = tuple(f.name for f in framings if lengths[f.name] <= 256)

@@ -17,12 +17,22 @@ UPPER = ("training", "evaluation", "cli", "langchain", "llama_index")
 ADAPTERS = ("langchain", "llama_index")
 # What the adapters may import of the package: its top level, the errors, and the runtime's public modules
 # (plus the refusal rule, which they report, and the local embedding model's location).
-ADAPTER_API = frozenset({
-    PACKAGE, f"{PACKAGE}.errors", f"{PACKAGE}.runtime.config", f"{PACKAGE}.runtime.engine",
-    f"{PACKAGE}.runtime.engine_cache", f"{PACKAGE}.runtime.generation", f"{PACKAGE}.runtime.prompts",
-    f"{PACKAGE}.runtime.settings", f"{PACKAGE}.runtime.streams", f"{PACKAGE}.runtime.tools",
-    f"{PACKAGE}.method.refusal", f"{PACKAGE}.models.embeddings",
-})
+ADAPTER_API = frozenset(
+    {
+        PACKAGE,
+        f"{PACKAGE}.errors",
+        f"{PACKAGE}.runtime.config",
+        f"{PACKAGE}.runtime.engine",
+        f"{PACKAGE}.runtime.engine_cache",
+        f"{PACKAGE}.runtime.generation",
+        f"{PACKAGE}.runtime.prompts",
+        f"{PACKAGE}.runtime.settings",
+        f"{PACKAGE}.runtime.streams",
+        f"{PACKAGE}.runtime.tools",
+        f"{PACKAGE}.method.refusal",
+        f"{PACKAGE}.models.embeddings",
+    }
+)
 
 
 def _module_name(path: Path) -> str:
@@ -104,6 +114,7 @@ def test_argparse_only_in_cli() -> None:
 def test_no_import_cycles() -> None:
     """No module reaches itself through the package's imports (a package's ``__init__`` importing its own
     submodules is not a cycle: Python runs it first)."""
+
     def reaches(start: str) -> set[str]:
         seen: set[str] = set()
         todo = [m for m in GRAPH[start] if m in GRAPH and not start.startswith(m + ".") and m != start]
@@ -122,10 +133,24 @@ def test_no_import_cycles() -> None:
 def test_public_names() -> None:
     """The names importable from the package top level (a change here is a change of the public API)."""
     assert sorted(safeinfer_integrations.__all__) == [
-        "AsyncGenerationStream", "Generation", "GenerationStream", "HarmGate", "InvalidInputError",
-        "InvalidSettingError", "InvalidTypeError", "SafeInferConfig", "SafeInferEngine", "SafeInferError",
-        "SafetyTelemetry", "SafetyVector", "SamplingSettings", "UnknownSettingError", "Usage", "VectorFileError",
-        "VectorMismatchError", "__version__",
+        "AsyncGenerationStream",
+        "Generation",
+        "GenerationStream",
+        "HarmGate",
+        "InvalidInputError",
+        "InvalidSettingError",
+        "InvalidTypeError",
+        "SafeInferConfig",
+        "SafeInferEngine",
+        "SafeInferError",
+        "SafetyTelemetry",
+        "SafetyVector",
+        "SamplingSettings",
+        "UnknownSettingError",
+        "Usage",
+        "VectorFileError",
+        "VectorMismatchError",
+        "__version__",
     ]
     for name in safeinfer_integrations.__all__:
         assert hasattr(safeinfer_integrations, name), name

@@ -22,8 +22,17 @@ def engine(tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInferEngine:
 
 
 def _run(engine: SafeInferEngine, **kwargs: Any) -> SafetyVector:
-    settings = {"layer": 1, "scale": 1.0, "steps": 6, "lr": 0.05, "harmful_batch": 500, "benign_batch": 500,
-                "answer_tokens": 4, "framings": data.gate_framings()[:1], "progress": False}
+    settings = {
+        "layer": 1,
+        "scale": 1.0,
+        "steps": 6,
+        "lr": 0.05,
+        "harmful_batch": 500,
+        "benign_batch": 500,
+        "answer_tokens": 4,
+        "framings": data.gate_framings()[:1],
+        "progress": False,
+    }
     return optimize_vector(engine, **{**settings, **kwargs})
 
 
@@ -83,13 +92,15 @@ def test_shipped_default_vector_runs_in_the_engine(default_model_and_tokenizer: 
     chosen = json.loads(path.with_name("calibration.json").read_text(encoding="utf-8"))["chosen"]
     assert (vector.layer, vector.scale) == (chosen["layer"], chosen["scale"]) == (8, 1.25)
     engine = SafeInferEngine(model, tokenizer, vector=vector)
-    result = engine.generate([{"role": "user", "content": "What is the capital of France?"}], mode="sa",
-                             max_new_tokens=3)[0]
+    result = engine.generate(
+        [{"role": "user", "content": "What is the capital of France?"}], mode="sa", max_new_tokens=3
+    )[0]
     assert result.safety.gate_weight is not None and result.safety.vector_id == vector.vector_id
 
 
-def test_build_vector_method_optimized_is_the_optimize_recipe(tiny_model_factory: Any, tiny_tokenizer: Any,
-                                                              tmp_path: Path, capsys: Any) -> None:
+def test_build_vector_method_optimized_is_the_optimize_recipe(
+    tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Path, capsys: Any
+) -> None:
     """``safeinfer build-vector --method optimized`` trains `optimize_vector` with its defaults at a quarter of
     the depth and scale 1.0 (a model other than the default has no calibration); the function-vector options
     are refused with it, before any model loads."""
@@ -99,18 +110,49 @@ def test_build_vector_method_optimized_is_the_optimize_recipe(tiny_model_factory
     tiny_model_factory("llama").save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     out = tmp_path / "optimized.safetensors"
-    assert main(["build-vector", "--method", "optimized", "--model", str(directory), "--out", str(out),
-                 "--no-gate", "--seed", "2"]) == 0
+    assert (
+        main(
+            [
+                "build-vector",
+                "--method",
+                "optimized",
+                "--model",
+                str(directory),
+                "--out",
+                str(out),
+                "--no-gate",
+                "--seed",
+                "2",
+            ]
+        )
+        == 0
+    )
     built = SafetyVector.load(out)
-    expected = optimize_vector(SafeInferEngine.from_pretrained(directory), layer=1, scale=1.0, seed=2,
-                               fit_harm_gate=False, progress=False)
+    expected = optimize_vector(
+        SafeInferEngine.from_pretrained(directory), layer=1, scale=1.0, seed=2, fit_harm_gate=False, progress=False
+    )
     assert torch.equal(built.vector, expected.vector) and (built.layer, built.scale) == (1, 1.0)
     assert built.metadata["method"] == "optimized" and built.gate is None and "calibration" not in built.metadata
     assert json.loads(capsys.readouterr().out)["optimize"]["seed"] == 2
-    assert main(["build-vector", "--method", "optimized", "--model", str(directory), "--out", str(tmp_path / "x"),
-                 "--heads", "3", "--trials", "2"]) == 2
-    assert ("--heads, --trials apply only to --method function; got --method optimized"
-            in capsys.readouterr().err)
+    assert (
+        main(
+            [
+                "build-vector",
+                "--method",
+                "optimized",
+                "--model",
+                str(directory),
+                "--out",
+                str(tmp_path / "x"),
+                "--heads",
+                "3",
+                "--trials",
+                "2",
+            ]
+        )
+        == 2
+    )
+    assert "--heads, --trials apply only to --method function; got --method optimized" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -123,15 +165,23 @@ def test_shipped_default_vector_training_reproduces(default_model_and_tokenizer:
     model, tokenizer = default_model_and_tokenizer
     shipped = SafetyVector.load(shipped_vector_path())
     recorded = shipped.metadata["optimize"]
-    again = optimize_vector(SafeInferEngine(model, tokenizer), layer=shipped.layer, steps=2, lr=recorded["lr"],
-                            seed=recorded["seed"], fit_harm_gate=False, progress=False)
+    again = optimize_vector(
+        SafeInferEngine(model, tokenizer),
+        layer=shipped.layer,
+        steps=2,
+        lr=recorded["lr"],
+        seed=recorded["seed"],
+        fit_harm_gate=False,
+        progress=False,
+    )
     history = again.metadata["optimize"]["loss_history"]
     flat, expected = ([loss for step in steps for loss in step] for steps in (history, recorded["loss_history"][:2]))
     assert len(flat) == 4 and flat == pytest.approx(expected, abs=2e-4)
 
 
-def test_build_optimized_takes_the_default_models_calibrated_setting(default_model_and_tokenizer: Any,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_optimized_takes_the_default_models_calibrated_setting(
+    default_model_and_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """For the default model, ``build-vector --method optimized`` trains at the layer and scale chosen in
     vectors/calibration.json and records that choice; explicit values win. (Training is replaced by a stub.)"""
     import safeinfer_integrations.training.optimized as optimize
@@ -141,8 +191,9 @@ def test_build_optimized_takes_the_default_models_calibrated_setting(default_mod
 
     def fake(engine: Any, **kwargs: Any) -> SafetyVector:
         calls.append(kwargs)
-        return SafetyVector(vector=torch.ones(576), layer=kwargs["layer"], scale=kwargs["scale"],
-                            metadata={"method": "optimized"})
+        return SafetyVector(
+            vector=torch.ones(576), layer=kwargs["layer"], scale=kwargs["scale"], metadata={"method": "optimized"}
+        )
 
     monkeypatch.setattr(optimize, "optimize_vector", fake)
     chosen = shipped_calibration(OPTIMIZED_CALIBRATION)["chosen"]

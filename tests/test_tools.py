@@ -29,8 +29,11 @@ WEATHER = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
-ADD = {"name": "add", "description": "Add two integers.", "parameters": {
-    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}
+ADD = {
+    "name": "add",
+    "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+}
 
 
 def _names_args(calls: list[ParsedToolCall]) -> list[tuple[str, dict[str, Any]]]:
@@ -47,13 +50,18 @@ def test_tagged_call_is_parsed_and_removed_from_content() -> None:
 
 
 def test_several_tagged_calls_and_a_list_inside_one_tag() -> None:
-    text = ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'
-            '<tool_call>[{"name": "add", "arguments": {"a": 3, "b": 4}}, '
-            '{"name": "get_weather", "parameters": {"city": "Oslo"}}]</tool_call>')
+    text = (
+        '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n'
+        '<tool_call>[{"name": "add", "arguments": {"a": 3, "b": 4}}, '
+        '{"name": "get_weather", "parameters": {"city": "Oslo"}}]</tool_call>'
+    )
     content, calls = parse_tool_calls(text)
     assert content == ""
-    assert _names_args(calls) == [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4}),
-                                  ("get_weather", {"city": "Oslo"})]
+    assert _names_args(calls) == [
+        ("add", {"a": 1, "b": 2}),
+        ("add", {"a": 3, "b": 4}),
+        ("get_weather", {"city": "Oslo"}),
+    ]
     assert len({c.id for c in calls}) == 3
 
 
@@ -88,18 +96,21 @@ def test_tool_names_filter_applies_to_bare_json_only() -> None:
     assert _names_args(parse_tool_calls(tagged, tool_names={"add"})[1]) == [("other", {})]
 
 
-@pytest.mark.parametrize("text", [
-    "<tool_call>{not json}</tool_call>",
-    '<tool_call>{"name": "add", "arguments": {"a": 1</tool_call>',
-    '<tool_call>{"arguments": {}}</tool_call>',
-    '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>',
-    '{"name": "add"}',
-    '{"name": "add", "arguments": "not json"}',
-    "plain answer with { braces and [brackets",
-    '{"city": "Paris"}',
-    "",
-    "[[[[[[[[[[[[" * 50,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<tool_call>{not json}</tool_call>",
+        '<tool_call>{"name": "add", "arguments": {"a": 1</tool_call>',
+        '<tool_call>{"arguments": {}}</tool_call>',
+        '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>',
+        '{"name": "add"}',
+        '{"name": "add", "arguments": "not json"}',
+        "plain answer with { braces and [brackets",
+        '{"city": "Paris"}',
+        "",
+        "[[[[[[[[[[[[" * 50,
+    ],
+)
 def test_malformed_or_non_call_text_stays_content(text: str) -> None:
     assert parse_tool_calls(text) == (text, [])
 
@@ -115,8 +126,7 @@ def test_parse_rejects_non_string() -> None:
 
 
 def test_round_trip_through_assistant_message() -> None:
-    calls = [ParsedToolCall("add", {"a": 1, "b": 2}, id="call_1"),
-             ParsedToolCall("get_weather", {"city": "Rome"})]
+    calls = [ParsedToolCall("add", {"a": 1, "b": 2}, id="call_1"), ParsedToolCall("get_weather", {"city": "Rome"})]
     message = assistant_message("thinking", calls)
     assert message["role"] == "assistant"
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["add", "get_weather"]
@@ -128,10 +138,12 @@ def test_round_trip_through_assistant_message() -> None:
 
 # ------------------------------------------------------------------------------------------------ messages
 def test_assistant_message_accepts_langchain_style_dicts_and_no_inline() -> None:
-    message = assistant_message("", [{"name": "add", "args": {"a": 1}, "id": "x", "type": "tool_call"}],
-                                inline=False)
-    assert message == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "x", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]}
+    message = assistant_message("", [{"name": "add", "args": {"a": 1}, "id": "x", "type": "tool_call"}], inline=False)
+    assert message == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "x", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}],
+    }
     assert assistant_message("hi", []) == {"role": "assistant", "content": "hi"}
     with pytest.raises(ValueError, match="name"):
         assistant_message("", [{"args": {}}])
@@ -139,15 +151,27 @@ def test_assistant_message_accepts_langchain_style_dicts_and_no_inline() -> None
 
 def test_tool_result_message() -> None:
     assert tool_result_message("sunny", name="get_weather", tool_call_id="c1") == {
-        "role": "tool", "content": "sunny", "name": "get_weather", "tool_call_id": "c1"}
+        "role": "tool",
+        "content": "sunny",
+        "name": "get_weather",
+        "tool_call_id": "c1",
+    }
     assert json.loads(tool_result_message({"t": 20})["content"]) == {"t": 20}
 
 
 # ------------------------------------------------------------------------------------------------ prompts
 def test_tool_prompt_describes_every_tool_and_the_format() -> None:
     prompt = tool_prompt([WEATHER, ADD])
-    for needle in ("get_weather", "Current weather in a city.", '"city"', "add", "Add two integers.",
-                   "<tool_call>", "</tool_call>", '"arguments"'):
+    for needle in (
+        "get_weather",
+        "Current weather in a city.",
+        '"city"',
+        "add",
+        "Add two integers.",
+        "<tool_call>",
+        "</tool_call>",
+        '"arguments"',
+    ):
         assert needle in prompt
     assert "must call the tool add" in tool_prompt([ADD], tool_choice="add")
     assert "must call one of the tools" in tool_prompt([ADD], tool_choice="any")
@@ -177,17 +201,22 @@ def test_with_tool_prompt_merges_into_system() -> None:
 def test_needs_tool_prompt_follows_the_template(tiny_tokenizer: Any) -> None:
     assert needs_tool_prompt(PromptFormatter(tiny_tokenizer))  # ChatML without tools
     tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = ("{% if tools %}{% for t in tools %}{{ t['function']['name'] }}{% endfor %}"
-                         "{% endif %}"
-                         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    tok.chat_template = (
+        "{% if tools %}{% for t in tools %}{{ t['function']['name'] }}{% endfor %}"
+        "{% endif %}"
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    )
     assert not needs_tool_prompt(PromptFormatter(tok))
 
 
 def test_history_renders_through_a_real_engine(tiny_tokenizer: Any, tiny_model_factory: Any) -> None:
     engine = SafeInferEngine(tiny_model_factory("llama"), tiny_tokenizer)
     call = ParsedToolCall("add", {"a": 1, "b": 2}, id="c1")
-    history = [{"role": "user", "content": "add 1 and 2"}, assistant_message("", [call]),
-               tool_result_message("3", name="add", tool_call_id="c1")]
+    history = [
+        {"role": "user", "content": "add 1 and 2"},
+        assistant_message("", [call]),
+        tool_result_message("3", name="add", tool_call_id="c1"),
+    ]
     text = engine.formatter.render_chat(with_tool_prompt(history, [ADD]))
     assert text.index("Add two integers.") < text.index("add 1 and 2")
     assert '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in text

@@ -22,8 +22,16 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeinfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_download, add_generate, add_chat, add_bench, add_build_vector, add_optimize_vector,
-                add_calibrate, add_eval):
+    for add in (
+        add_download,
+        add_generate,
+        add_chat,
+        add_bench,
+        add_build_vector,
+        add_optimize_vector,
+        add_calibrate,
+        add_eval,
+    ):
         add(sub)
     return parser
 

@@ -15,21 +15,34 @@ def add_bench(sub: Any) -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompts", default="benign,harmful",
-                        help="prompt sets to time, comma-separated: benign, harmful")
+    parser.add_argument(
+        "--prompts", default="benign,harmful", help="prompt sets to time, comma-separated: benign, harmful"
+    )
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
-    parser.add_argument("--device", default=None,
-                        help="where the models run, a torch device such as cuda (default: the CPU)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="model dtype (default: float32 on the CPU, the checkpoint's own on a GPU)")
+    parser.add_argument(
+        "--device", default=None, help="where the models run, a torch device such as cuda (default: the CPU)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="model dtype (default: float32 on the CPU, the checkpoint's own on a GPU)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from ..evaluation.speed import format_table, run
 
         batch_sizes = tuple(int(size) for size in str(args.batch_sizes).split(","))
         prompt_sets = tuple(name for name in str(args.prompts).split(",") if name)
-        results = run(args.model, batch_sizes, args.max_new_tokens, args.repeats, prompt_sets, device=args.device,
-                      dtype=args.dtype)
+        results = run(
+            args.model,
+            batch_sizes,
+            args.max_new_tokens,
+            args.repeats,
+            prompt_sets,
+            device=args.device,
+            dtype=args.dtype,
+        )
         print(format_table(results))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))

@@ -55,10 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     headline = {
-        mode: {
-            k: m[k]
-            for k in ("unsafe_rate", "over_refusal_rate", "helpfulness", "fluency_ppl", "tokens_per_s")
-        }
+        mode: {k: m[k] for k in ("unsafe_rate", "over_refusal_rate", "helpfulness", "fluency_ppl", "tokens_per_s")}
         for mode, m in summary["modes"].items()
     }
     print(json.dumps(headline, indent=2))
@@ -84,9 +81,7 @@ def add_eval(sub: Any) -> None:
         metavar="FILE",
         help="CSV/JSON/JSONL harmful questions (HarmEval, AdvBench, HEx-PHI, DangerousQA layouts)",
     )
-    parser.add_argument(
-        "--benign", nargs="+", default=None, metavar="FILE", help="benign questions (over-refusal)"
-    )
+    parser.add_argument("--benign", nargs="+", default=None, metavar="FILE", help="benign questions (over-refusal)")
     parser.add_argument(
         "--qa",
         nargs="+",

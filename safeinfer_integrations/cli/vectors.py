@@ -20,9 +20,12 @@ _FUNCTION_ONLY: dict[str, int] = {"heads": 10, "trials": 16, "shots": 10, "batch
 def add_gate_source_arguments(parser: argparse.ArgumentParser) -> None:
     """``--gate-from FILE`` / ``--no-gate`` for the commands that make a vector (default: fit a gate)."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--gate-from", default=None,
-                        help="take the harm gate from this vector file instead of fitting one (the same fit, when "
-                             "that vector was made for the same model and data)")
+    source.add_argument(
+        "--gate-from",
+        default=None,
+        help="take the harm gate from this vector file instead of fitting one (the same fit, when "
+        "that vector was made for the same model and data)",
+    )
     source.add_argument("--no-gate", action="store_true", help="make the vector without a harm gate")
 
 
@@ -31,9 +34,13 @@ def add_build_vector(sub: Any) -> None:
     parser = sub.add_parser("build-vector", help="build a safety vector (and harm gate) for a model")
     parser.add_argument("--model", default=None, help="hub id or directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--method", default="function", choices=METHODS,
-                        help="function: the paper's function vector from attention heads (default); optimized: a "
-                             "vector trained by gradient descent, the recipe of the shipped default vector")
+    parser.add_argument(
+        "--method",
+        default="function",
+        choices=METHODS,
+        help="function: the paper's function vector from attention heads (default); optimized: a "
+        "vector trained by gradient descent, the recipe of the shipped default vector",
+    )
     parser.add_argument("--layer", type=int, default=None, help="steering layer (default: calibrated / depth/4)")
     parser.add_argument("--scale", type=float, default=None, help="steering scale (default: calibrated / 1.0)")
     parser.add_argument("--heads", type=int, default=None, help="function: k, the number of top heads summed (10)")
@@ -52,7 +59,8 @@ def add_build_vector(sub: Any) -> None:
         if args.method != "function" and given:
             verb = "applies" if len(given) == 1 else "apply"
             raise InvalidSettingError(
-                f"{', '.join(given)} {verb} only to --method function; got --method {args.method}")
+                f"{', '.join(given)} {verb} only to --method function; got --method {args.method}"
+            )
         gate: bool | HarmGate = not args.no_gate
         gate_metadata = None
         if args.gate_from:
@@ -61,17 +69,26 @@ def add_build_vector(sub: Any) -> None:
             from ..training.optimized import build_optimized
 
             started = time.perf_counter()
-            vector = build_optimized(args.model, layer=args.layer, scale=args.scale, seed=args.seed, gate=gate,
-                                     gate_metadata=gate_metadata)
+            vector = build_optimized(
+                args.model, layer=args.layer, scale=args.scale, seed=args.seed, gate=gate, gate_metadata=gate_metadata
+            )
             path = vector.save(Path(args.out))
             print(f"wrote {path} ({vector.vector_id}) in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-            print(json.dumps({"optimize": vector.metadata["optimize"], "gate": vector.metadata.get("gate")},
-                             indent=2))
+            print(json.dumps({"optimize": vector.metadata["optimize"], "gate": vector.metadata.get("gate")}, indent=2))
             return 0
-        counts: dict[str, Any] = {name: getattr(args, name) if getattr(args, name) is not None else default
-                                  for name, default in _FUNCTION_ONLY.items()}
-        result = build_vector(args.model, layer=args.layer, scale=args.scale, seed=args.seed, gate=gate,
-                              gate_metadata=gate_metadata, **counts)
+        counts: dict[str, Any] = {
+            name: getattr(args, name) if getattr(args, name) is not None else default
+            for name, default in _FUNCTION_ONLY.items()
+        }
+        result = build_vector(
+            args.model,
+            layer=args.layer,
+            scale=args.scale,
+            seed=args.seed,
+            gate=gate,
+            gate_metadata=gate_metadata,
+            **counts,
+        )
         path = result.vector.save(Path(args.out))
         meta = result.vector.metadata
         print(f"wrote {path} ({result.vector.vector_id}) in {result.seconds:.0f}s", file=sys.stderr)
@@ -100,8 +117,16 @@ def add_optimize_vector(sub: Any) -> None:
 
         gate = gate_from_file(args.gate_from)[0] if args.gate_from else None  # before loading the model
         engine = SafeInferEngine.from_pretrained(args.model)
-        vector = optimize_vector(engine, layer=args.layer, scale=args.scale, steps=args.steps, lr=args.lr,
-                                 seed=args.seed, gate=gate, fit_harm_gate=not args.no_gate)
+        vector = optimize_vector(
+            engine,
+            layer=args.layer,
+            scale=args.scale,
+            steps=args.steps,
+            lr=args.lr,
+            seed=args.seed,
+            gate=gate,
+            fit_harm_gate=not args.no_gate,
+        )
         path = vector.save(Path(args.out))
         print(f"wrote {path} ({vector.vector_id})", file=sys.stderr)
         return 0
@@ -119,15 +144,27 @@ def add_calibrate(sub: Any) -> None:
     parser.add_argument("--out", required=True, help="directory for calibration.json/.csv/.png")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--experts", default="prompted,negated_vector",
-                        help="unsafe experts scored with mode=safeinfer at the chosen setting ('' for none)")
-    parser.add_argument("--gate-sharpness", default="1:0",
-                        help="comma-separated factor:shift pairs for the gate-on settings, e.g. 1:0,2:2 "
-                             "(logit -> factor * logit + shift; 1:0 is the fitted gate)")
-    parser.add_argument("--bare-only", action="store_true",
-                        help="bare one-turn chats only (default: also each question in one gate framing)")
-    parser.add_argument("--write-vector", default=None,
-                        help="also write the vector with the chosen layer, scale and gate sharpness to this file")
+    parser.add_argument(
+        "--experts",
+        default="prompted,negated_vector",
+        help="unsafe experts scored with mode=safeinfer at the chosen setting ('' for none)",
+    )
+    parser.add_argument(
+        "--gate-sharpness",
+        default="1:0",
+        help="comma-separated factor:shift pairs for the gate-on settings, e.g. 1:0,2:2 "
+        "(logit -> factor * logit + shift; 1:0 is the fitted gate)",
+    )
+    parser.add_argument(
+        "--bare-only",
+        action="store_true",
+        help="bare one-turn chats only (default: also each question in one gate framing)",
+    )
+    parser.add_argument(
+        "--write-vector",
+        default=None,
+        help="also write the vector with the chosen layer, scale and gate sharpness to this file",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from ..method.vector import SafetyVector
@@ -142,9 +179,17 @@ def add_calibrate(sub: Any) -> None:
         engine = SafeInferEngine.from_pretrained(args.model, vector=args.vector)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        table = run_sweep(engine, layers, scales, sharpness=sharpness, framed=not args.bare_only,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          log=out / "sweep.jsonl", experts=[e for e in args.experts.split(",") if e])
+        table = run_sweep(
+            engine,
+            layers,
+            scales,
+            sharpness=sharpness,
+            framed=not args.bare_only,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            log=out / "sweep.jsonl",
+            experts=[e for e in args.experts.split(",") if e],
+        )
         for path in write_table(table, out):
             print(f"wrote {path}", file=sys.stderr)
         print(json.dumps(table["chosen"], indent=2))
@@ -154,13 +199,19 @@ def add_calibrate(sub: Any) -> None:
                 raise InvalidSettingError("the engine lost its vector")
             chosen = table["chosen"]
             meta = dict(vector.metadata)
-            meta.update(layer=chosen["layer"], scale=chosen["scale"],
-                        calibration={"rule": table["rule"], "chosen": chosen})
+            meta.update(
+                layer=chosen["layer"], scale=chosen["scale"], calibration={"rule": table["rule"], "chosen": chosen}
+            )
             sharp = sharpness_of(chosen["gate_sharpness"])
             if vector.gate is not None and sharp != PLAIN:
                 meta["gate"] = {**meta.get("gate", {}), "sharpened": {"factor": sharp[0], "shift": sharp[1]}}
-            SafetyVector(vector.vector, layer=chosen["layer"], scale=chosen["scale"], metadata=meta,
-                         gate=with_sharpness(vector, sharp).gate).save(args.write_vector)
+            SafetyVector(
+                vector.vector,
+                layer=chosen["layer"],
+                scale=chosen["scale"],
+                metadata=meta,
+                gate=with_sharpness(vector, sharp).gate,
+            ).save(args.write_vector)
             print(f"wrote {args.write_vector}", file=sys.stderr)
         return 0
 

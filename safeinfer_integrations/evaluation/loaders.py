@@ -67,9 +67,7 @@ def shipped_path(name: str) -> Path:
     return Path(str(resources.files("safeinfer_integrations").joinpath("data").joinpath(name)))
 
 
-def _pick(
-    columns: Iterable[str], wanted: Sequence[str], override: str | None, what: str, path: Path
-) -> str | None:
+def _pick(columns: Iterable[str], wanted: Sequence[str], override: str | None, what: str, path: Path) -> str | None:
     columns = list(columns)
     if override is not None:
         if override not in columns:
@@ -129,9 +127,7 @@ def _answers(value: Any, path: Path, index: int) -> tuple[str, ...]:
     elif value is None:
         parts = []
     else:
-        raise InvalidInputError(
-            f"{path}: row {index}: answers must be a string or a list; got {type(value).__name__}"
-        )
+        raise InvalidInputError(f"{path}: row {index}: answers must be a string or a list; got {type(value).__name__}")
     return tuple(part.strip() for part in parts if part.strip())
 
 
@@ -208,8 +204,7 @@ def default_benign() -> list[EvalItem]:
     held_out = [{"question": p.question, "kind": p.kind} for p in benign_prompts("evaluation")]
     rows = held_out + _read_records(shipped_path(SHIPPED_BENIGN))
     return [
-        EvalItem("benign", row["question"], row.get("kind") or row.get("category") or DEFAULT_CATEGORY)
-        for row in rows
+        EvalItem("benign", row["question"], row.get("kind") or row.get("category") or DEFAULT_CATEGORY) for row in rows
     ]
 
 

@@ -33,9 +33,7 @@ _Key = tuple[str, str, str]
 
 def parse_modes(modes: str | Sequence[str]) -> list[str]:
     """``"vanilla,sa"`` or a list -> validated, de-duplicated list of modes in the given order."""
-    names = (
-        [m.strip() for m in modes.split(",")] if isinstance(modes, str) else [str(m).strip() for m in modes]
-    )
+    names = [m.strip() for m in modes.split(",")] if isinstance(modes, str) else [str(m).strip() for m in modes]
     names = [m for m in names if m]
     if not names:
         raise InvalidSettingError(f"modes must name at least one of {', '.join(MODES)}")
@@ -80,8 +78,7 @@ def _check_run(out: Path, run: Mapping[str, Any]) -> dict[str, Any]:
         if diff:
             details = "; ".join(f"{k}: {old[k]!r} there, {run[k]!r} now" for k in diff)
             raise InvalidSettingError(
-                f"{out} holds a run with other settings ({details}); use another --out directory "
-                "or delete that one"
+                f"{out} holds a run with other settings ({details}); use another --out directory or delete that one"
             )
         merged = {**old, **run}
     path.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")

@@ -72,14 +72,26 @@ def _hf_generate(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: in
     pad = pad_id_of(tokenizer)
     input_ids, mask, _ = left_pad(ids, pad, engine.device)
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     return int(out[:, width:].numel())
 
 
-def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new_tokens: int = 64,
-        repeats: int = 3, prompt_sets: tuple[str, ...] = PROMPT_SETS, device: str | None = None,
-        dtype: str | None = None) -> dict[str, Any]:
+def run(
+    model: str | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+    prompt_sets: tuple[str, ...] = PROMPT_SETS,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
     """Time every configuration (see the module docstring); ``device`` (a torch device such as ``"cuda"``)
     and ``dtype`` (a torch dtype name) say where and how the models run (default: float32 on the CPU)."""
     texts = {name: prompt_set(name) for name in prompt_sets}  # bad names fail before any model loads
@@ -93,27 +105,38 @@ def run(model: str | None = None, batch_sizes: tuple[int, ...] = (1, 8), max_new
     vector_note = "shipped"
     if vector is None:
         hidden = base.config.hidden_size
-        vector = SafetyVector(torch.randn(hidden, generator=torch.Generator().manual_seed(0)),
-                              layer=base.config.num_hidden_layers // 3, scale=2.0)
+        vector = SafetyVector(
+            torch.randn(hidden, generator=torch.Generator().manual_seed(0)),
+            layer=base.config.num_hidden_layers // 3,
+            scale=2.0,
+        )
         vector_note = "random (no shipped vector)"
     engine = SafeInferEngine(base, tokenizer, vector=vector, unsafe_model=unsafe, model_name=str(model or "default"))
-    results: dict[str, Any] = {"model": engine.model_name, "vector": vector_note, "max_new_tokens": max_new_tokens,
-                               "threads": torch.get_num_threads(), "gate_cutoff": engine.config.gate_cutoff,
-                               "device": str(engine.device), "dtype": str(base.dtype).removeprefix("torch."),
-                               "sets": {}}
+    results: dict[str, Any] = {
+        "model": engine.model_name,
+        "vector": vector_note,
+        "max_new_tokens": max_new_tokens,
+        "threads": torch.get_num_threads(),
+        "gate_cutoff": engine.config.gate_cutoff,
+        "device": str(engine.device),
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "sets": {},
+    }
     for set_name, set_texts in texts.items():
         chats = [[{"role": "user", "content": text}] for text in set_texts]
         weights = [g.safety.gate_weight for g in engine.generate(chats, mode="sa", max_new_tokens=1)]
         results["sets"][set_name] = {"gate_weights": weights, "batches": {}}
         for batch in batch_sizes:
             prompts = [chats[i % len(chats)] for i in range(batch)]
-            results["sets"][set_name]["batches"][str(batch)] = _time_batch(engine, prompts, max_new_tokens, repeats,
-                                                                           f"bench {set_name} batch {batch}")
+            results["sets"][set_name]["batches"][str(batch)] = _time_batch(
+                engine, prompts, max_new_tokens, repeats, f"bench {set_name} batch {batch}"
+            )
     return results
 
 
-def _time_batch(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int, repeats: int,
-                label: str) -> dict[str, Any]:
+def _time_batch(
+    engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int, repeats: int, label: str
+) -> dict[str, Any]:
     """Every configuration on one batch of prompts; median time per token and its ratio to generate()."""
     names = ["generate()"] + [name for name, _ in CONFIGS]
     engine.generate(prompts[:1], mode="vanilla", max_new_tokens=4)  # warm-up
@@ -122,7 +145,7 @@ def _time_batch(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int
     progress = tqdm(total=repeats * len(names), desc=label, unit="run")
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     for round_index in range(repeats):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             sync()
             start = time.perf_counter()
@@ -130,9 +153,12 @@ def _time_batch(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int
                 count = _hf_generate(engine, prompts, max_new_tokens)
             else:
                 settings = dict(CONFIGS)[name]
-                count = sum(g.usage.completion_tokens
-                            for g in engine.generate(prompts, max_new_tokens=max_new_tokens,
-                                                     min_new_tokens=max_new_tokens, **settings))
+                count = sum(
+                    g.usage.completion_tokens
+                    for g in engine.generate(
+                        prompts, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **settings
+                    )
+                )
             sync()
             elapsed = time.perf_counter() - start
             times[name].append(elapsed / count)
@@ -141,23 +167,29 @@ def _time_batch(engine: SafeInferEngine, prompts: list[Any], max_new_tokens: int
     progress.close()
     base_time = statistics.median(times["generate()"])
     return {
-        name: {"tokens_per_s": 1.0 / statistics.median(times[name]),
-               "time_ratio": statistics.median(times[name]) / base_time,
-               "tokens": tokens[name]}
+        name: {
+            "tokens_per_s": 1.0 / statistics.median(times[name]),
+            "time_ratio": statistics.median(times[name]) / base_time,
+            "tokens": tokens[name],
+        }
         for name in names
     }
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"model {results['model']}, vector {results['vector']}, max_new_tokens {results['max_new_tokens']}, "
-             f"torch threads {results['threads']}, gate_cutoff {results['gate_cutoff']}, "
-             f"device {results.get('device', 'cpu')}, dtype {results.get('dtype', 'float32')}"]
+    lines = [
+        f"model {results['model']}, vector {results['vector']}, max_new_tokens {results['max_new_tokens']}, "
+        f"torch threads {results['threads']}, gate_cutoff {results['gate_cutoff']}, "
+        f"device {results.get('device', 'cpu')}, dtype {results.get('dtype', 'float32')}"
+    ]
     for set_name, entry in results["sets"].items():
         weights = [w for w in entry["gate_weights"] if w is not None]
         if weights:
             below = sum(w < results["gate_cutoff"] for w in weights)
-            lines.append(f"{set_name} prompts: gate weights {min(weights):.2f}-{max(weights):.2f}, "
-                         f"{below} of {len(weights)} below the cutoff")
+            lines.append(
+                f"{set_name} prompts: gate weights {min(weights):.2f}-{max(weights):.2f}, "
+                f"{below} of {len(weights)} below the cutoff"
+            )
     lines += ["", "| prompts | config | batch | tokens/s | time per token vs generate() |", "|---|---|---|---|---|"]
     for set_name, entry in results["sets"].items():
         for batch, rows in entry["batches"].items():

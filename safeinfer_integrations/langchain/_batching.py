@@ -135,8 +135,7 @@ class BatchCollector:
         for group in _groups(requests):
             first = group[0]
             try:
-                results = await first.engine.agenerate([r.prompt for r in group], tools=first.tools,
-                                                       **first.settings)
+                results = await first.engine.agenerate([r.prompt for r in group], tools=first.tools, **first.settings)
                 for request, result in zip(group, results):
                     if not request.future.done():
                         request.future.set_result(result)

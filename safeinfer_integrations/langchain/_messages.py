@@ -24,8 +24,20 @@ from ..errors import InvalidInputError, InvalidTypeError
 from ..runtime.prompts import add_to_system
 from ..runtime.tools import assistant_message, tool_result_message, with_tool_prompt
 
-_IGNORED_BLOCKS = frozenset({"tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking",
-                             "refusal", "invalid_tool_call", "server_tool_call", "server_tool_result"})
+_IGNORED_BLOCKS = frozenset(
+    {
+        "tool_use",
+        "tool_call",
+        "tool_call_chunk",
+        "function_call",
+        "reasoning",
+        "thinking",
+        "refusal",
+        "invalid_tool_call",
+        "server_tool_call",
+        "server_tool_result",
+    }
+)
 _ROLE_ALIASES = {"human": "user", "ai": "assistant", "developer": "system", "function": "tool"}
 
 
@@ -83,8 +95,13 @@ def to_engine_messages(messages: Sequence[BaseMessage], *, inline_tool_calls: bo
     return out
 
 
-def add_tool_instructions(messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
-                          tool_choice: str | None, *, template_renders_tools: bool) -> list[dict[str, Any]]:
+def add_tool_instructions(
+    messages: list[dict[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: str | None,
+    *,
+    template_renders_tools: bool,
+) -> list[dict[str, Any]]:
     """Describe bound tools in the system message when the chat template cannot (``tools.tool_prompt``);
     with a tool-aware template only a forced ``tool_choice`` needs saying."""
     if not tools:
@@ -93,8 +110,11 @@ def add_tool_instructions(messages: list[dict[str, Any]], tools: Sequence[Mappin
         return with_tool_prompt(messages, tools, tool_choice=tool_choice)
     if tool_choice in (None, "auto", "none"):
         return messages
-    note = "You must call one of the tools now." if tool_choice in ("any", "required") else (
-        f"You must call the tool {tool_choice} now.")
+    note = (
+        "You must call one of the tools now."
+        if tool_choice in ("any", "required")
+        else (f"You must call the tool {tool_choice} now.")
+    )
     return add_to_system(messages, note)
 
 
@@ -104,5 +124,7 @@ def structured_output_instruction(schema: Mapping[str, Any] | None) -> str:
 
     if schema is None:
         return "Reply with a single JSON object and nothing else."
-    return ("Reply with a single JSON object that matches this JSON schema, and nothing else:\n"
-            f"{json.dumps(schema, ensure_ascii=False)}")
+    return (
+        "Reply with a single JSON object that matches this JSON schema, and nothing else:\n"
+        f"{json.dumps(schema, ensure_ascii=False)}"
+    )

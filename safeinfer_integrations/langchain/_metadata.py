@@ -15,12 +15,16 @@ PROVIDER = "safeinfer"
 
 
 def usage_dict(generation: Generation) -> dict[str, int]:
-    return {"input_tokens": generation.usage.prompt_tokens, "output_tokens": generation.usage.completion_tokens,
-            "total_tokens": generation.usage.total_tokens}
+    return {
+        "input_tokens": generation.usage.prompt_tokens,
+        "output_tokens": generation.usage.completion_tokens,
+        "total_tokens": generation.usage.total_tokens,
+    }
 
 
-def response_metadata(engine: SafeInferEngine, generation: Generation, text: str, *,
-                      detect_refusals: bool) -> dict[str, Any]:
+def response_metadata(
+    engine: SafeInferEngine, generation: Generation, text: str, *, detect_refusals: bool
+) -> dict[str, Any]:
     """``model_name``, ``finish_reason`` and the engine's safety telemetry (plus the refusal mark)."""
     metadata: dict[str, Any] = {
         "model_name": engine.model_name,

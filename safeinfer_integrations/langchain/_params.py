@@ -21,8 +21,9 @@ _CHAT_KWARGS = frozenset({"model", "tools", "tool_choice", "response_format"})
 class SafeInferParams(SafeInferSettings):
     """Fields shared by the chat model and the LLM (see the classes' docstrings)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=True,
-                              protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=()
+    )
 
     model_name: str | None = Field(default=None, alias="model")
     """Hub id or local directory of the model; None: the default model (SmolLM2-135M-Instruct)."""
@@ -53,14 +54,21 @@ class SafeInferParams(SafeInferSettings):
     # ------------------------------------------------------------------ engines and settings
     def _resolve_engine(self, model: str | None) -> SafeInferEngine:
         """The engine for this call: the given one, or the shared engine of ``model`` (or ``model_name``)."""
-        if model is not None and model != self.model_name and not (
-            self.engine is not None and model == self.engine.model_name
+        if (
+            model is not None
+            and model != self.model_name
+            and not (self.engine is not None and model == self.engine.model_name)
         ):
             return get_engine(model, dtype=self.dtype, device_map=self.device_map)
         if self.engine is not None:
             return self.engine
-        return get_engine(self.model_name, vector=self.vector, unsafe_model=self.unsafe_model, dtype=self.dtype,
-                          device_map=self.device_map)
+        return get_engine(
+            self.model_name,
+            vector=self.vector,
+            unsafe_model=self.unsafe_model,
+            dtype=self.dtype,
+            device_map=self.device_map,
+        )
 
     def _params_for_tracing(self) -> dict[str, Any]:
         """The set fields under their own names (what ``_identifying_params`` and traces show)."""
@@ -72,14 +80,14 @@ class SafeInferParams(SafeInferSettings):
         """The loaded model's name (what ``response_metadata["model_name"]`` reports)."""
         return self._resolve_engine(None).model_name
 
-    def _call_settings(self, stop: Sequence[str] | None,
-                       kwargs: Mapping[str, Any]) -> tuple[SafeInferEngine, dict[str, Any]]:
+    def _call_settings(
+        self, stop: Sequence[str] | None, kwargs: Mapping[str, Any]
+    ) -> tuple[SafeInferEngine, dict[str, Any]]:
         """(engine, engine settings) for one call: the fields, then the call's kwargs, then ``stop``.
 
         Unknown keyword arguments raise `UnknownSettingError` (a ``TypeError``) naming what is allowed."""
         overrides = {k: v for k, v in kwargs.items() if k not in _FRAMEWORK_KWARGS | _CHAT_KWARGS}
-        settings = call_settings(self.engine_settings(), overrides, owner=type(self).__name__,
-                                 also_allowed=("model",))
+        settings = call_settings(self.engine_settings(), overrides, owner=type(self).__name__, also_allowed=("model",))
         if stop is not None:
             settings["stop"] = list(stop)
         if not settings.get("stop"):

@@ -207,8 +207,9 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         ``{"type": "refusal", ...}`` block, so structured-output parsers raise ``ModelRefusalError``.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=True,
-                              protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=()
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -242,11 +243,26 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
     def _resolve_model_profile(self) -> ModelProfile | None:
         engine = self._resolve_engine(None)
         profile = ModelProfile(
-            name=engine.model_name, open_weights=True, text_inputs=True, text_outputs=True, image_inputs=False,
-            image_url_inputs=False, pdf_inputs=False, audio_inputs=False, video_inputs=False,
-            image_outputs=False, audio_outputs=False, video_outputs=False, image_tool_message=False,
-            pdf_tool_message=False, reasoning_output=False, tool_calling=True, tool_choice=True,
-            tool_call_streaming=False, structured_output=False, temperature=True,
+            name=engine.model_name,
+            open_weights=True,
+            text_inputs=True,
+            text_outputs=True,
+            image_inputs=False,
+            image_url_inputs=False,
+            pdf_inputs=False,
+            audio_inputs=False,
+            video_inputs=False,
+            image_outputs=False,
+            audio_outputs=False,
+            video_outputs=False,
+            image_tool_message=False,
+            pdf_tool_message=False,
+            reasoning_output=False,
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=False,
+            structured_output=False,
+            temperature=True,
             mid_conversation_system_messages=True,
         )
         if engine.context_window is not None:
@@ -261,7 +277,8 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def get_num_tokens_from_messages(
-        self, messages: list[BaseMessage],
+        self,
+        messages: list[BaseMessage],
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool] | None = None,
     ) -> int:
         """Tokens the model would read for ``messages`` (chat template and tool descriptions included)."""
@@ -289,8 +306,13 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         if response_format is not None:
             schema = response_format.get("schema") if response_format.get("type") == "json_schema" else None
             prompt = add_to_system(prompt, structured_output_instruction(schema))
-        return _Call(engine=engine, prompt=prompt, tools=list(tools) if tools and renders_tools else None,
-                     tool_names=tool_names, settings=settings)
+        return _Call(
+            engine=engine,
+            prompt=prompt,
+            tools=list(tools) if tools and renders_tools else None,
+            tool_names=tool_names,
+            settings=settings,
+        )
 
     def _message(self, call: _Call, generation: Generation) -> AIMessage:
         content, calls = split_text(generation.text, call.tool_names)
@@ -298,8 +320,9 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
             content=content,
             tool_calls=_tool_call_dicts(calls),
             usage_metadata=usage_dict(generation),  # type: ignore[arg-type]
-            response_metadata=response_metadata(call.engine, generation, content,
-                                                detect_refusals=self.detect_refusals and not calls),
+            response_metadata=response_metadata(
+                call.engine, generation, content, detect_refusals=self.detect_refusals and not calls
+            ),
         )
 
     def _result(self, call: _Call, generation: Generation) -> ChatResult:
@@ -311,21 +334,35 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
 
     def _final_chunk(self, call: _Call, splitter: ToolSplitter, generation: Generation) -> ChatGenerationChunk:
         rest, calls = splitter.finish()
-        chunks = [{"name": c.name, "args": json.dumps(c.arguments, ensure_ascii=False), "id": c.id, "index": i,
-                   "type": "tool_call_chunk"} for i, c in enumerate(calls)]
+        chunks = [
+            {
+                "name": c.name,
+                "args": json.dumps(c.arguments, ensure_ascii=False),
+                "id": c.id,
+                "index": i,
+                "type": "tool_call_chunk",
+            }
+            for i, c in enumerate(calls)
+        ]
         message = AIMessageChunk(
             content=rest,
             tool_call_chunks=chunks,  # type: ignore[arg-type]
             usage_metadata=usage_dict(generation),  # type: ignore[arg-type]
-            response_metadata=response_metadata(call.engine, generation, splitter.content,
-                                                detect_refusals=self.detect_refusals and not calls),
+            response_metadata=response_metadata(
+                call.engine, generation, splitter.content, detect_refusals=self.detect_refusals and not calls
+            ),
             chunk_position="last",
         )
         return ChatGenerationChunk(message=message)
 
     # ------------------------------------------------------------------ generation
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         call = self._prepare(messages, stop, kwargs)
         ticket = BATCH.get()
         if ticket is not None and ticket[0].can_join(self, ticket[1]):
@@ -334,8 +371,13 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
             generation = call.engine.generate(call.prompt, tools=call.tools, **call.settings)[0]
         return self._result(call, generation)
 
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         call = self._prepare(messages, stop, kwargs)
         ticket = BATCH.get()
         if ticket is not None and ticket[0].can_join(self, ticket[1]):
@@ -345,8 +387,13 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
             [generation] = await call.engine.agenerate(call.prompt, tools=call.tools, **call.settings)
         return self._result(call, generation)
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         call = self._prepare(messages, stop, kwargs)
         ticket = BATCH.get()
         if ticket is not None:
@@ -361,16 +408,21 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         assert stream.generation is not None  # noqa: S101 (set once the stream is exhausted)
         yield self._final_chunk(call, splitter, stream.generation)
 
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
         call = self._prepare(messages, stop, kwargs)
         ticket = BATCH.get()
         if ticket is not None:
             await ticket[0].aleave(ticket[1])
         splitter = ToolSplitter(call.tool_names)
         stream = await AsyncGenerationStream.open(
-            lambda: call.engine.stream(call.prompt, tools=call.tools, **call.settings))
+            lambda: call.engine.stream(call.prompt, tools=call.tools, **call.settings)
+        )
         async with stream:  # closing (the consumer stopped reading) stops generation
             async for piece in stream:
                 text = splitter.push(piece)
@@ -380,8 +432,14 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         yield self._final_chunk(call, splitter, stream.generation)
 
     # ------------------------------------------------------------------ batching
-    def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None,
-              *, return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
         """Run the inputs as one batched generation (at most ``max_concurrency`` at a time).
 
         Each input is still its own run for callbacks and tracing; inputs whose settings differ are
@@ -406,9 +464,14 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
             results.extend(run_batch_sync(self, len(part), run_one, max_workers=len(part)))
         return results
 
-    async def abatch(self, inputs: list[LanguageModelInput],
-                     config: RunnableConfig | list[RunnableConfig] | None = None, *,
-                     return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
         """``batch`` for async code: one batched generation in a worker thread."""
         if not inputs:
             return []
@@ -431,9 +494,13 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         return results
 
     # ------------------------------------------------------------------ tools and structured output
-    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
-                   tool_choice: str | bool | dict[str, Any] | None = None,
-                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (LangChain tools, functions, pydantic models or JSON schemas).
 
         ``tool_choice``: None/"auto" (the model decides), "none", "any"/"required"/True (must call one),
@@ -446,9 +513,13 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         return super().bind(tools=formatted, **kwargs)
 
     def with_structured_output(
-        self, schema: dict[str, Any] | type, *, include_raw: bool = False,
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
         method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
-        strict: bool | None = None, **kwargs: Any,
+        strict: bool | None = None,
+        **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
         """Replies parsed into ``schema`` (a pydantic class, a TypedDict or a JSON schema).
 
@@ -471,17 +542,24 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
                 parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
         elif method in ("json_schema", "json_mode"):
             if method == "json_schema":
-                json_schema = schema.model_json_schema() if is_pydantic and hasattr(schema, "model_json_schema") \
+                json_schema = (
+                    schema.model_json_schema()
+                    if is_pydantic and hasattr(schema, "model_json_schema")
                     else convert_to_json_schema(schema)
+                )
                 response_format: dict[str, Any] = {"type": "json_schema", "schema": json_schema}
             else:
                 response_format = {"type": "json_object"}
             llm = self.bind(response_format=response_format, ls_structured_output_format=trace)
-            parser = (PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
-                      if is_pydantic else JsonOutputParser())
+            parser = (
+                PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                if is_pydantic
+                else JsonOutputParser()
+            )
         else:
             raise InvalidSettingError(
-                f"method must be 'json_schema', 'json_mode' or 'function_calling'; got {method!r}")
+                f"method must be 'json_schema', 'json_mode' or 'function_calling'; got {method!r}"
+            )
         if not include_raw:
             return llm | parser
         with_parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)

@@ -77,8 +77,9 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
         ``model_name`` and the summed ``token_usage``.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=True,
-                              protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=()
+    )
 
     @property
     def _llm_type(self) -> str:
@@ -91,7 +92,8 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         model = kwargs.get("model")
         params = LangSmithParams(
-            ls_provider=PROVIDER, ls_model_type="llm",
+            ls_provider=PROVIDER,
+            ls_model_type="llm",
             ls_model_name=model if isinstance(model, str) else self.resolved_model_name,
             ls_temperature=kwargs.get("temperature", self.temperature if self.temperature is not None else 0.0),
         )
@@ -116,8 +118,10 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
         return self._call_settings(stop, kwargs)
 
     def _info(self, engine: SafeInferEngine, generation: Generation) -> dict[str, Any]:
-        return {**_metadata(engine, generation, generation.text, detect_refusals=self.detect_refusals),
-                "usage": usage_dict(generation)}
+        return {
+            **_metadata(engine, generation, generation.text, detect_refusals=self.detect_refusals),
+            "usage": usage_dict(generation),
+        }
 
     def _result(self, engine: SafeInferEngine, generations: list[Generation]) -> LLMResult:
         total = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
@@ -130,8 +134,13 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
         )
 
     # ------------------------------------------------------------------ generation
-    def _generate(self, prompts: list[str], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
         """All prompts run as one batched generation (with ``streaming``, one prompt streams)."""
         engine, settings = self._settings(stop, kwargs)
         if self.streaming and len(prompts) == 1:
@@ -139,24 +148,38 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
             for chunk in self._stream(prompts[0], stop=stop, run_manager=run_manager, **kwargs):
                 final = chunk if final is None else final + chunk
             assert final is not None  # noqa: S101 (the stream always ends with a final chunk)
-            return LLMResult(generations=[[LCGeneration(text=final.text, generation_info=final.generation_info)]],
-                             llm_output={"model_name": engine.model_name})
+            return LLMResult(
+                generations=[[LCGeneration(text=final.text, generation_info=final.generation_info)]],
+                llm_output={"model_name": engine.model_name},
+            )
         return self._result(engine, engine.generate(prompts, **settings))
 
-    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
         engine, settings = self._settings(stop, kwargs)
         if self.streaming and len(prompts) == 1:
             final: GenerationChunk | None = None
             async for chunk in self._astream(prompts[0], stop=stop, run_manager=run_manager, **kwargs):
                 final = chunk if final is None else final + chunk
             assert final is not None  # noqa: S101
-            return LLMResult(generations=[[LCGeneration(text=final.text, generation_info=final.generation_info)]],
-                             llm_output={"model_name": engine.model_name})
+            return LLMResult(
+                generations=[[LCGeneration(text=final.text, generation_info=final.generation_info)]],
+                llm_output={"model_name": engine.model_name},
+            )
         return self._result(engine, await engine.agenerate(prompts, **settings))
 
-    def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
         engine, settings = self._settings(stop, kwargs)
         stream = engine.stream(prompt, **settings)
         with closing(stream):  # the consumer stopped reading: generation stops at once
@@ -168,9 +191,13 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
         assert stream.generation is not None  # noqa: S101
         yield GenerationChunk(text="", generation_info=self._info(engine, stream.generation))
 
-    async def _astream(self, prompt: str, stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
         engine, settings = self._settings(stop, kwargs)
         stream = await AsyncGenerationStream.open(lambda: engine.stream(prompt, **settings))
         async with stream:  # closing (the consumer stopped reading) stops generation

@@ -67,9 +67,7 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     names_by_id: dict[str, str] = {}
     for index, message in enumerate(messages):
         if not isinstance(message, ChatMessage):
-            raise InvalidTypeError(
-                f"message {index} must be a llama_index ChatMessage; got {type(message).__name__}"
-            )
+            raise InvalidTypeError(f"message {index} must be a llama_index ChatMessage; got {type(message).__name__}")
         role = _role_of(message, index)
         texts: list[str] = []
         calls: list[Mapping[str, Any]] = []
@@ -77,9 +75,7 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             if isinstance(block, TextBlock):
                 texts.append(block.text)
             elif isinstance(block, ToolCallBlock):
-                calls.append(
-                    {"id": block.tool_call_id, "name": block.tool_name, "arguments": block.tool_kwargs}
-                )
+                calls.append({"id": block.tool_call_id, "name": block.tool_name, "arguments": block.tool_kwargs})
             elif isinstance(block, (ThinkingBlock, CachePoint)):
                 continue
             else:

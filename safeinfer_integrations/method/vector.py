@@ -124,9 +124,7 @@ class SafetyVector:
         }
         if self.gate is not None:
             tensors["gate_direction"] = self.gate.direction.contiguous()
-            header["gate"] = json.dumps(
-                {"layer": self.gate.layer, "bias": self.gate.bias, "floor": self.gate.floor}
-            )
+            header["gate"] = json.dumps({"layer": self.gate.layer, "bias": self.gate.bias, "floor": self.gate.floor})
         save_file(tensors, str(path), metadata=header)
         return path
 

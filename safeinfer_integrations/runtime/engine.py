@@ -135,8 +135,15 @@ class SafeInferEngine:
         if isinstance(unsafe_model, (str, os.PathLike)):
             unsafe_model, unsafe_tokenizer = load_model_and_tokenizer(unsafe_model, dtype=dtype, device_map=device_map)
         name = DEFAULT_MODEL_NAME if default else str(model_or_path)
-        return cls(model, tokenizer, vector=vector, unsafe_model=unsafe_model, unsafe_tokenizer=unsafe_tokenizer,
-                   config=config, model_name=name)
+        return cls(
+            model,
+            tokenizer,
+            vector=vector,
+            unsafe_model=unsafe_model,
+            unsafe_tokenizer=unsafe_tokenizer,
+            config=config,
+            model_name=name,
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -181,8 +188,13 @@ class SafeInferEngine:
         return len(self._encode(prompt, None, tools))
 
     # ------------------------------------------------------------------ public generation API
-    def generate(self, inputs: PromptInput | Sequence[PromptInput], *,
-                 tools: Sequence[Mapping[str, Any]] | None = None, **settings: Any) -> list[Generation]:
+    def generate(
+        self,
+        inputs: PromptInput | Sequence[PromptInput],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **settings: Any,
+    ) -> list[Generation]:
         """Generate for one prompt or a batch; returns one `Generation` per prompt, in order."""
         plan = self._make_plan(inputs, settings, tools)
         rows = self._new_rows(plan)
@@ -191,8 +203,9 @@ class SafeInferEngine:
                 pass
         return self._build(rows, plan)
 
-    def stream(self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None,
-               **settings: Any) -> GenerationStream:
+    def stream(
+        self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None, **settings: Any
+    ) -> GenerationStream:
         """Stream one prompt's text pieces; their join equals ``generate`` with the same settings."""
         if not (isinstance(prompt, str) or is_messages(prompt)):
             raise InvalidTypeError("stream takes one prompt: a string or a list of chat messages")
@@ -200,13 +213,19 @@ class SafeInferEngine:
         rows = self._new_rows(plan)
         return GenerationStream(self._events(plan, rows), lambda: self._build(rows, plan)[0])
 
-    async def agenerate(self, inputs: PromptInput | Sequence[PromptInput], *,
-                        tools: Sequence[Mapping[str, Any]] | None = None, **settings: Any) -> list[Generation]:
+    async def agenerate(
+        self,
+        inputs: PromptInput | Sequence[PromptInput],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **settings: Any,
+    ) -> list[Generation]:
         """``generate`` in a worker thread: the event loop is never blocked."""
         return await asyncio.to_thread(self.generate, inputs, tools=tools, **settings)
 
-    def astream(self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None,
-                **settings: Any) -> AsyncGenerationStream:
+    def astream(
+        self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None, **settings: Any
+    ) -> AsyncGenerationStream:
         """``stream`` with each step computed in a worker thread (``async for``); ``aclose()`` stops
         generation and ``generation`` holds the result once exhausted. Bad settings raise here, at once."""
         return AsyncGenerationStream(self.stream(prompt, tools=tools, **settings))
@@ -220,13 +239,13 @@ class SafeInferEngine:
     def resolve_config(self, overrides: Mapping[str, Any] | None = None) -> SafeInferConfig:
         return self._config.with_overrides(dict(overrides or {}))
 
-    def _encode(self, prompt: PromptInput, unsafe_prompt: str | None,
-                tools: Sequence[Mapping[str, Any]] | None) -> list[int]:
+    def _encode(
+        self, prompt: PromptInput, unsafe_prompt: str | None, tools: Sequence[Mapping[str, Any]] | None
+    ) -> list[int]:
         with self._encode_lock:  # fast tokenizers are not safe to call from several threads at once
             return self._formatter.encode(prompt, unsafe_prompt=unsafe_prompt, tools=tools)
 
-    def _make_plan(self, inputs: Any, settings: Mapping[str, Any],
-                   tools: Sequence[Mapping[str, Any]] | None) -> Plan:
+    def _make_plan(self, inputs: Any, settings: Mapping[str, Any], tools: Sequence[Mapping[str, Any]] | None) -> Plan:
         sampling_kwargs, config_kwargs = split_settings(settings)
         sampling = SamplingSettings(**sampling_kwargs)
         config = self.resolve_config(config_kwargs)
@@ -243,8 +262,7 @@ class SafeInferEngine:
             vector = self._vector.with_settings(layer=config.layer, scale=config.scale)
             vector.check(self._model)
         if expert == "model" and self._unsafe_model is None:
-            raise InvalidSettingError(
-                "unsafe_expert='model' needs an unsafe_model; this engine was built without one")
+            raise InvalidSettingError("unsafe_expert='model' needs an unsafe_model; this engine was built without one")
         safe_ids = [self._encode(item, None, tools) for item in batch]
         unsafe_ids = None
         if expert == "prompted":
@@ -260,12 +278,15 @@ class SafeInferEngine:
                     f"{which} {index % len(batch)} has {len(ids)} tokens; the model's context window is "
                     f"{self._context}, leaving no room to generate"
                 )
-        return Plan(config=config, sampling=sampling, vector=vector, expert=expert,
-                    safe_ids=safe_ids, unsafe_ids=unsafe_ids)
+        return Plan(
+            config=config, sampling=sampling, vector=vector, expert=expert, safe_ids=safe_ids, unsafe_ids=unsafe_ids
+        )
 
     def _new_rows(self, plan: Plan) -> list[Row]:
-        return [Row(prompt_tokens=len(ids), tracker=TextTracker(self._tokenizer, plan.sampling.stop))
-                for ids in plan.safe_ids]
+        return [
+            Row(prompt_tokens=len(ids), tracker=TextTracker(self._tokenizer, plan.sampling.stop))
+            for ids in plan.safe_ids
+        ]
 
     def _build(self, rows: list[Row], plan: Plan) -> list[Generation]:
         config, vector = plan.config, plan.vector
@@ -297,7 +318,14 @@ class SafeInferEngine:
         vector = plan.vector
         steer = vector is not None and (plan.config.amplified or plan.expert == "negated_vector")
         scope = attach(self._model, vector.layer, vector.vector) if steer else nullcontext()  # type: ignore[union-attr]
-        target = Target(model=self._model, unsafe_model=self._unsafe_model, pad_id=pad_id_of(self._tokenizer),
-                        eos=self._eos, context=self._context, device=self.device, fallback_vector=self._vector)
+        target = Target(
+            model=self._model,
+            unsafe_model=self._unsafe_model,
+            pad_id=pad_id_of(self._tokenizer),
+            eos=self._eos,
+            context=self._context,
+            device=self.device,
+            fallback_vector=self._vector,
+        )
         with scope as steerer:
             yield from Decoder(target, plan, rows, steerer).run()

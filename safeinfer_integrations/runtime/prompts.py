@@ -65,7 +65,8 @@ def _check_messages(messages: Sequence[Message], index: int) -> None:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise InvalidInputError(
-                f"prompt {index}, message {position}: 'role' must be a non-empty string; got {role!r}")
+                f"prompt {index}, message {position}: 'role' must be a non-empty string; got {role!r}"
+            )
         content = message.get("content")
         if content is not None and not isinstance(content, str):
             raise InvalidTypeError(
@@ -90,8 +91,9 @@ def _tools_as_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             name = message.get("name") or "tool"
             out.append({"role": "user", "content": f"[{name} result]\n{message['content']}"})
         else:
-            out.append({k: v for k, v in message.items() if k != "tool_calls"} if message["role"] == "assistant"
-                       else message)
+            out.append(
+                {k: v for k, v in message.items() if k != "tool_calls"} if message["role"] == "assistant" else message
+            )
     return out
 
 
@@ -162,8 +164,11 @@ class PromptFormatter:
         for fold in attempts:
             try:
                 text = self.tokenizer.apply_chat_template(
-                    fold(prepared), tools=list(tools) if tools else None, tokenize=False,
-                    add_generation_prompt=not continue_final, continue_final_message=continue_final,
+                    fold(prepared),
+                    tools=list(tools) if tools else None,
+                    tokenize=False,
+                    add_generation_prompt=not continue_final,
+                    continue_final_message=continue_final,
                 )
                 return str(text)
             except Exception as error:  # jinja2 TemplateError and friends: try the next fold
@@ -175,15 +180,22 @@ class PromptFormatter:
         if not self.has_chat_template:
             return False
         probe = [{"role": "user", "content": "hi"}]
-        tool = {"type": "function", "function": {"name": "probe_tool_xyz", "description": "d", "parameters": {
-            "type": "object", "properties": {}}}}
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "probe_tool_xyz",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
         try:
             return "probe_tool_xyz" in self.render_chat(probe, tools=[tool])
         except ValueError:
             return False
 
-    def encode(self, prompt: PromptInput, *, unsafe_prompt: str | None = None,
-               tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+    def encode(
+        self, prompt: PromptInput, *, unsafe_prompt: str | None = None, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
         """Token ids of ``prompt`` (under ``unsafe_prompt`` when given)."""
         if isinstance(prompt, str):
             text = prompt if unsafe_prompt is None else f"{unsafe_prompt}\n\n{prompt}"

@@ -33,24 +33,27 @@ class SafeInferSettings(BaseModel):
     top_k: int | None = Field(default=None, description="Sample among the k likeliest tokens (default 0: off).")
     seed: int | None = Field(default=None, description="Seed for sampling; None draws a fresh one per call.")
     stop: list[str] | None = Field(
-        default=None, description="Stop strings; they may span several tokens (the text is cut before the first).")
+        default=None, description="Stop strings; they may span several tokens (the text is cut before the first)."
+    )
 
     # ------------------------------------------------------------------ safety
     mode: str | None = Field(default=None, description="vanilla | sa | sgds | safeinfer (default safeinfer).")
     alpha: float | None = Field(default=None, description="Guidance strength in [0, 1) (default 0.99).")
     plausibility: float | None = Field(
-        default=None, description="Plausibility threshold tau in [0, 1); 0 is the paper's rule (default 0.1).")
-    unsafe_expert: str | None = Field(
-        default=None, description="model | prompted | negated_vector (default prompted).")
+        default=None, description="Plausibility threshold tau in [0, 1); 0 is the paper's rule (default 0.1)."
+    )
+    unsafe_expert: str | None = Field(default=None, description="model | prompted | negated_vector (default prompted).")
     unsafe_system_prompt: str | None = Field(
-        default=None, description="The system prompt of the prompted unsafe expert.")
+        default=None, description="The system prompt of the prompted unsafe expert."
+    )
     scale: float | None = Field(default=None, description="Override of the safety vector's scale.")
     layer: int | None = Field(default=None, description="Override of the safety vector's layer.")
     gate: bool | None = Field(
-        default=None, description="Whether the vector's harm gate scales SafeInfer per request (default True).")
+        default=None, description="Whether the vector's harm gate scales SafeInfer per request (default True)."
+    )
     gate_cutoff: float | None = Field(
-        default=None,
-        description="Requests the gate weighs below this are decoded as vanilla, in [0, 1) (default 0.1).")
+        default=None, description="Requests the gate weighs below this are decoded as vanilla, in [0, 1) (default 0.1)."
+    )
 
     def engine_settings(self) -> dict[str, Any]:
         """The set fields as engine keyword settings (``max_tokens`` becomes ``max_new_tokens``)."""
@@ -81,15 +84,17 @@ def split_engine_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], 
     return sampling, config
 
 
-def call_settings(base: Mapping[str, Any], overrides: Mapping[str, Any], *, owner: str,
-                  also_allowed: Iterable[str] = ()) -> dict[str, Any]:
+def call_settings(
+    base: Mapping[str, Any], overrides: Mapping[str, Any], *, owner: str, also_allowed: Iterable[str] = ()
+) -> dict[str, Any]:
     """``base`` engine settings updated by one call's keyword ``overrides`` (framework names accepted; None
     values keep the base). An unknown name raises `UnknownSettingError` naming what is allowed."""
     unknown = sorted(set(overrides) - CALL_SETTINGS)
     if unknown:
         allowed = ", ".join(sorted(CALL_SETTINGS | set(also_allowed)))
         raise UnknownSettingError(
-            f"unknown argument(s) {', '.join(map(repr, unknown))} for {owner}; per-call settings are: {allowed}")
+            f"unknown argument(s) {', '.join(map(repr, unknown))} for {owner}; per-call settings are: {allowed}"
+        )
     given = [name for name in overrides if name in ALIASES and ALIASES[name] in overrides]
     if given:
         raise InvalidSettingError(f"give {given[0]} or {ALIASES[given[0]]}, not both")

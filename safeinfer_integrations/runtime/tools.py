@@ -95,11 +95,14 @@ def normalize_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidInputError(
             f"tool {function['name']!r}: 'parameters' must be a JSON schema dict; got {parameters!r}"
         )
-    return {"type": "function", "function": {
-        "name": function["name"],
-        "description": str(function.get("description") or ""),
-        "parameters": dict(parameters),
-    }}
+    return {
+        "type": "function",
+        "function": {
+            "name": function["name"],
+            "description": str(function.get("description") or ""),
+            "parameters": dict(parameters),
+        },
+    }
 
 
 def tool_prompt(tools: Sequence[Mapping[str, Any]], *, tool_choice: str | None = None) -> str:
@@ -149,15 +152,17 @@ def needs_tool_prompt(formatter: Any) -> bool:
     return not formatter.template_uses_tools()
 
 
-def with_tool_prompt(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], *,
-                     tool_choice: str | None = None) -> list[dict[str, Any]]:
+def with_tool_prompt(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]], *, tool_choice: str | None = None
+) -> list[dict[str, Any]]:
     """``messages`` with ``tool_prompt(tools)`` added to the system message (prepending one if none)."""
     return add_to_system(messages, tool_prompt(tools, tool_choice=tool_choice))
 
 
 # ---------------------------------------------------------------------------------------------- history
-def assistant_message(content: str, tool_calls: Iterable[ParsedToolCall | Mapping[str, Any]], *,
-                      inline: bool = True) -> dict[str, Any]:
+def assistant_message(
+    content: str, tool_calls: Iterable[ParsedToolCall | Mapping[str, Any]], *, inline: bool = True
+) -> dict[str, Any]:
     """An assistant turn that made tool calls, as a plain dict for the engine.
 
     ``tool_calls`` items are ``ParsedToolCall``s or dicts with ``name``, ``args``/``arguments`` and an
@@ -175,8 +180,7 @@ def assistant_message(content: str, tool_calls: Iterable[ParsedToolCall | Mappin
     return message
 
 
-def tool_result_message(content: Any, *, name: str | None = None,
-                        tool_call_id: str | None = None) -> dict[str, Any]:
+def tool_result_message(content: Any, *, name: str | None = None, tool_call_id: str | None = None) -> dict[str, Any]:
     """A tool's result as a ``tool`` message; non-string content is written as JSON."""
     text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
     message: dict[str, Any] = {"role": "tool", "content": text}
@@ -285,6 +289,7 @@ def _parse_tagged(text: str) -> tuple[str, list[ParsedToolCall]] | None:
 
 def _parse_bare(text: str, tool_names: Collection[str] | None) -> tuple[str, list[ParsedToolCall]]:
     """Read call-shaped JSON objects/lists anywhere in the text."""
+
     def allowed(found: list[ParsedToolCall]) -> bool:
         return tool_names is None or all(call.name in tool_names for call in found)
 
@@ -323,8 +328,7 @@ def _join(parts: list[str]) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def parse_tool_calls(text: str, *,
-                     tool_names: Collection[str] | None = None) -> tuple[str, list[ParsedToolCall]]:
+def parse_tool_calls(text: str, *, tool_names: Collection[str] | None = None) -> tuple[str, list[ParsedToolCall]]:
     """Split generated text into (remaining content, tool calls). Never raises on malformed JSON.
 
     ``<tool_call>`` blocks take precedence; bare JSON is read only when the text has no such block. With

@@ -34,35 +34,50 @@ def plot_table(table: dict[str, Any], path: Path) -> Path:
     base = table["baseline"]
     layers = sorted({r["layer"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    metrics = (("refusal", "refusal rate on harmful (higher is better)"),
-               ("over_refusal", "over-refusal on benign (lower is better)"),
-               ("perplexity", "answer perplexity, unsteered model (lower is better)"))
+    metrics = (
+        ("refusal", "refusal rate on harmful (higher is better)"),
+        ("over_refusal", "over-refusal on benign (lower is better)"),
+        ("perplexity", "answer perplexity, unsteered model (lower is better)"),
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    lines = sorted({(r["layer"], r["gate"], r.get("gate_sharpness") or "") for r in rows},
-                   key=lambda x: (x[0], not x[1], x[2]))
-    sharp_styles = {label: style for label, style in zip(
-        sorted({x[2] for x in lines if x[1]}, key=lambda lab: lab != "1:0"), ("-", "-.", (0, (5, 1)), ":"))}
+    lines = sorted(
+        {(r["layer"], r["gate"], r.get("gate_sharpness") or "") for r in rows}, key=lambda x: (x[0], not x[1], x[2])
+    )
+    sharp_styles = {
+        label: style
+        for label, style in zip(
+            sorted({x[2] for x in lines if x[1]}, key=lambda lab: lab != "1:0"), ("-", "-.", (0, (5, 1)), ":")
+        )
+    }
     for axis, (key, title) in zip(axes, metrics):
         for layer, gate, sharp in lines:
-            points = sorted((r["scale"], r[key]) for r in rows if r["layer"] == layer and r["gate"] == gate
-                            and (r.get("gate_sharpness") or "") == sharp)
+            points = sorted(
+                (r["scale"], r[key])
+                for r in rows
+                if r["layer"] == layer and r["gate"] == gate and (r.get("gate_sharpness") or "") == sharp
+            )
             style = sharp_styles.get(sharp, "-") if gate else "--"
-            label = f"layer {layer}, gate " + (f"on (sharpness {sharp})" if gate and sharp not in ("", "1:0")
-                                               else "on" if gate else "off")
-            axis.plot(*zip(*points), linestyle=style, marker="o", color=colors[layers.index(layer) % len(colors)],
-                      label=label)
+            label = f"layer {layer}, gate " + (
+                f"on (sharpness {sharp})" if gate and sharp not in ("", "1:0") else "on" if gate else "off"
+            )
+            axis.plot(
+                *zip(*points), linestyle=style, marker="o", color=colors[layers.index(layer) % len(colors)], label=label
+            )
         axis.axhline(base[key], color="grey", linestyle=":", label="unsteered")
         chosen = table["chosen"]
-        axis.plot([chosen["scale"]], [chosen[key]], marker="*", markersize=16, color="black", linestyle="none",
-                  label="chosen")
+        axis.plot(
+            [chosen["scale"]], [chosen[key]], marker="*", markersize=16, color="black", linestyle="none", label="chosen"
+        )
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("scale")
         if key == "perplexity":
             axis.set_yscale("log")
     axes[0].legend(fontsize=7, loc="best")
     framed = " (half in retrieval, agent and conversation framings)" if table["split"].get("framed") else ""
-    fig.suptitle(f"Calibration of the safety vector for {table['model_name']} on the held-in split: "
-                 f"{table['split']['n_harmful']} harmful, {table['split']['n_benign']} benign prompts{framed}")
+    fig.suptitle(
+        f"Calibration of the safety vector for {table['model_name']} on the held-in split: "
+        f"{table['split']['n_harmful']} harmful, {table['split']['n_benign']} benign prompts{framed}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,8 +58,14 @@ _BENIGN_EVERYDAY_COUNTS = (20, 10)  # per kind of 30
 BenignRequestSplit = Literal["gate", "calibration"]
 BENIGN_REQUEST_SPLITS: tuple[str, ...] = ("gate", "calibration")
 _BENIGN_REQUEST_COUNTS = (33, 17)  # per kind of 50
-_FILES = ("harmful_demos.jsonl", "benign_prompts.jsonl", "harmful_everyday.jsonl", "benign_everyday.jsonl",
-          "benign_requests.jsonl", "gate_framings.json")
+_FILES = (
+    "harmful_demos.jsonl",
+    "benign_prompts.jsonl",
+    "harmful_everyday.jsonl",
+    "benign_everyday.jsonl",
+    "benign_requests.jsonl",
+    "gate_framings.json",
+)
 
 
 @dataclass(frozen=True)
@@ -99,8 +105,9 @@ def _order_key(question: str) -> str:
     return hashlib.sha256(question.encode("utf-8")).hexdigest()
 
 
-def _per_group(items: Sequence[_Item], group: str, file: str, names: tuple[str, ...],
-               counts: tuple[int, ...]) -> dict[str, tuple[_Item, ...]]:
+def _per_group(
+    items: Sequence[_Item], group: str, file: str, names: tuple[str, ...], counts: tuple[int, ...]
+) -> dict[str, tuple[_Item, ...]]:
     """Fixed-count splits: within each value of ``group`` (sorted), the items ordered by `_order_key` give the
     first ``counts[0]`` to ``names[0]``, the next ``counts[1]`` to ``names[1]``, ...; a group of another size
     is an error."""
@@ -115,7 +122,7 @@ def _per_group(items: Sequence[_Item], group: str, file: str, names: tuple[str, 
             raise InvalidInputError(f"{file}: {group} {key!r} has {len(members)} rows, expected {total}")
         start = 0
         for name, count in zip(names, counts):
-            out[name].extend(members[start:start + count])
+            out[name].extend(members[start : start + count])
             start += count
     return {name: tuple(rows) for name, rows in out.items()}
 
@@ -152,8 +159,8 @@ def _benign_splits() -> dict[str, tuple[BenignPrompt, ...]]:
         n_gate = round(_BENIGN_FRACTIONS[0] * len(items))
         n_cal = round(_BENIGN_FRACTIONS[1] * len(items))
         out["gate"].extend(items[:n_gate])
-        out["calibration"].extend(items[n_gate:n_gate + n_cal])
-        out["evaluation"].extend(items[n_gate + n_cal:])
+        out["calibration"].extend(items[n_gate : n_gate + n_cal])
+        out["evaluation"].extend(items[n_gate + n_cal :])
     return {name: tuple(rows) for name, rows in out.items()}
 
 
@@ -215,8 +222,10 @@ def held_in_harmful_questions() -> list[str]:
 def held_in_benign_questions() -> list[str]:
     """The held-in benign questions: the ``calibration`` split of the benign prompts, of the everyday benign
     questions, then of the benign requests."""
-    return [p.question for p in benign_prompts("calibration") + benign_everyday("calibration")
-            + benign_requests("calibration")]
+    return [
+        p.question
+        for p in benign_prompts("calibration") + benign_everyday("calibration") + benign_requests("calibration")
+    ]
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,7 @@ class Framing:
     conversation (``history``: (role, content) pairs, user and assistant alternating) and a user message
     template with ``{question}``. The system message and the user template may hold ``{context}`` or
     ``{documents}`` or ``{relevant}`` (see `frame`)."""
+
     name: str
     system: str | None
     user: str
@@ -233,22 +243,30 @@ class Framing:
 
 @lru_cache(maxsize=1)
 def _framings_file() -> dict[str, Any]:
-    text = resources.files("safeinfer_integrations").joinpath("data").joinpath("gate_framings.json").read_text(
-        encoding="utf-8")
+    text = (
+        resources.files("safeinfer_integrations")
+        .joinpath("data")
+        .joinpath("gate_framings.json")
+        .read_text(encoding="utf-8")
+    )
     return json.loads(text)
 
 
 def gate_framings() -> tuple[Framing, ...]:
     """The framings of a gate fit (``gate_framings.json``); the first is the bare one-turn chat."""
-    return tuple(Framing(f["name"], f["system"], f["user"],
-                         tuple((turn["role"], turn["content"]) for turn in f.get("history", ())))
-                 for f in _framings_file()["framings"])
+    return tuple(
+        Framing(
+            f["name"], f["system"], f["user"], tuple((turn["role"], turn["content"]) for turn in f.get("history", ()))
+        )
+        for f in _framings_file()["framings"]
+    )
 
 
 _STOPWORDS = frozenset(
     "about after also been before could does doing from have into just like make more most much must never only "
     "other over same should some such than that their them then there these they this those very what when where "
-    "which while will with would your yours".split())
+    "which while will with would your yours".split()
+)
 
 
 def _content_words(text: str) -> set[str]:

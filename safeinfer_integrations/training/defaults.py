@@ -15,8 +15,9 @@ def calibrated_choice(name: str, default_model: bool) -> tuple[dict[str, Any] | 
     return calibration, dict((calibration or {}).get("chosen", {}))
 
 
-def default_setting(chosen: dict[str, Any], num_layers: int, layer: int | None,
-                    scale: float | None) -> tuple[int, float]:
+def default_setting(
+    chosen: dict[str, Any], num_layers: int, layer: int | None, scale: float | None
+) -> tuple[int, float]:
     """The layer and scale a build uses: the given ones, else the calibrated ``chosen`` ones, else a quarter of
     the depth (the paper's layer 8 of 32) and scale 1.0."""
     if layer is None:

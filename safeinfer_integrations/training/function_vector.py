@@ -79,11 +79,23 @@ def _check_positive(name: str, value: int, at_least: int = 1) -> None:
         raise InvalidSettingError(f"{name} must be an int >= {at_least}; got {value!r}")
 
 
-def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | None = None,
-                 layer: int | None = None, scale: float | None = None, heads: int = 10, trials: int = 16,
-                 shots: int = 10, seed: int = 0, batch_size: int = 8, gate: bool | HarmGate = True,
-                 gate_metadata: dict[str, Any] | None = None, framings: Sequence[data.Framing] | None = None,
-                 progress: bool = True) -> BuildResult:
+def build_vector(
+    model: Any = None,
+    tokenizer: Any = None,
+    *,
+    model_name: str | None = None,
+    layer: int | None = None,
+    scale: float | None = None,
+    heads: int = 10,
+    trials: int = 16,
+    shots: int = 10,
+    seed: int = 0,
+    batch_size: int = 8,
+    gate: bool | HarmGate = True,
+    gate_metadata: dict[str, Any] | None = None,
+    framings: Sequence[data.Framing] | None = None,
+    progress: bool = True,
+) -> BuildResult:
     """Build a safety function vector (and harm gate) for ``model``.
 
     ``model`` is a loaded causal LM (then ``tokenizer`` is required), a hub id or directory, or None for the
@@ -112,12 +124,15 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
     _check_positive("shots", shots)
     _check_positive("batch_size", batch_size)
     if heads > shape.num_layers * shape.num_heads:
-        raise InvalidSettingError(f"heads must be at most {shape.num_layers * shape.num_heads} "
-                         f"({shape.num_layers} layers x {shape.num_heads} heads); got {heads}")
+        raise InvalidSettingError(
+            f"heads must be at most {shape.num_layers * shape.num_heads} "
+            f"({shape.num_layers} layers x {shape.num_heads} heads); got {heads}"
+        )
     pool = data.harmful_demos("build")
     if shots + 1 > len(pool):
         raise InvalidSettingError(
-            f"shots must be at most {len(pool) - 1} (the build split has {len(pool)} pairs); got {shots}")
+            f"shots must be at most {len(pool) - 1} (the build split has {len(pool)} pairs); got {shots}"
+        )
     calibration, chosen = calibrated_choice(FUNCTION_VECTOR_CALIBRATION, default)
     layer, scale = default_setting(chosen, shape.num_layers, layer, scale)
     if not 0 <= layer < shape.num_layers:
@@ -137,16 +152,21 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
 
     means = capture_head_means(model, clean, pad, batch_size=batch_size, progress=progress)
     clean_p = float(target_probability(model, clean, pad, targets, batch_size=batch_size).mean())
-    effects = indirect_effects(model, corrupted, pad, means, targets, batch_size=max(batch_size, 16),
-                               progress=progress)
+    effects = indirect_effects(model, corrupted, pad, means, targets, batch_size=max(batch_size, 16), progress=progress)
     corrupted_p = float(target_probability(model, corrupted, pad, targets, batch_size=batch_size).mean())
     best = top_heads(effects, heads)
     fv = function_vector(model, means, [(lay, hd) for lay, hd, _ in best])
 
     gate_fit = None
     if gate is True:
-        gate_fit = fit_gate(model, tokenizer, data.gate_harmful_questions(), data.gate_benign_questions(),
-                            framings=data.gate_framings() if framings is None else framings, progress=progress)
+        gate_fit = fit_gate(
+            model,
+            tokenizer,
+            data.gate_harmful_questions(),
+            data.gate_benign_questions(),
+            framings=data.gate_framings() if framings is None else framings,
+            progress=progress,
+        )
     metadata: dict[str, Any] = {
         "model_name": model_name,
         **shape.as_metadata(),
@@ -157,7 +177,11 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
         "dataset_hash": data.dataset_hash(),
         "builder_version": BUILDER_VERSION,
         "build": {
-            "trials": trials, "shots": shots, "seed": seed, "k": heads, "split": "build",
+            "trials": trials,
+            "shots": shots,
+            "seed": seed,
+            "k": heads,
+            "split": "build",
             "prompt_format": "Q: <question>\\nA: <answer>\\n\\n ... Q: <query>\\nA:",
             "corruption": CORRUPTION,
             "target": "probability mass of the first tokens of the build split's answers",
@@ -174,7 +198,8 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
             "layer": gate_fit.gate.layer,
             "fit_data": "harmful: build splits; benign: gate splits (training.data.gate_*_questions)",
             "framings": list(gate_fit.framings),
-            "n_harmful": gate_fit.n_harmful, "n_benign": gate_fit.n_benign,
+            "n_harmful": gate_fit.n_harmful,
+            "n_benign": gate_fit.n_benign,
             "cv_auc": round(gate_fit.layer_auc[gate_fit.gate.layer], 6),
             "train_accuracy": round(gate_fit.train_accuracy, 6),
         }
@@ -183,8 +208,19 @@ def build_vector(model: Any = None, tokenizer: Any = None, *, model_name: str | 
         metadata["gate"] = {**(gate_metadata or {}), "source": "given"}
     if calibration is not None and "chosen" in calibration:
         metadata["calibration"] = {"rule": calibration.get("rule"), "chosen": calibration["chosen"]}
-    vector = SafetyVector(vector=fv, layer=layer, scale=scale, metadata=metadata,
-                          gate=gate_fit.gate if gate_fit is not None else given_gate)
-    return BuildResult(vector=vector, means=means, effects=effects, gate_fit=gate_fit,
-                       clean_probability=clean_p, corrupted_probability=corrupted_p,
-                       seconds=time.perf_counter() - started)
+    vector = SafetyVector(
+        vector=fv,
+        layer=layer,
+        scale=scale,
+        metadata=metadata,
+        gate=gate_fit.gate if gate_fit is not None else given_gate,
+    )
+    return BuildResult(
+        vector=vector,
+        means=means,
+        effects=effects,
+        gate_fit=gate_fit,
+        clean_probability=clean_p,
+        corrupted_probability=corrupted_p,
+        seconds=time.perf_counter() - started,
+    )

@@ -67,12 +67,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return k
 
 
-def _batches_by_prefix(sequences: Sequence[Sequence[int]], order: list[int], batch_size: int,
-                       min_shared: int) -> list[tuple[list[int], int]]:
+def _batches_by_prefix(
+    sequences: Sequence[Sequence[int]], order: list[int], batch_size: int, min_shared: int
+) -> list[tuple[list[int], int]]:
     """Consecutive runs of ``order`` (sequences sorted by their tokens) as (rows, shared prefix length; 0: run
     left-padded). A sequence joins the open batch while that costs at most a quarter more token positions than
     running the two apart (a little padding buys a bigger batch), so prompts with one framing and document stay
     together and a batch does not straddle two long prefixes."""
+
     def cost(shared: int, rows: int, longest: int) -> int:
         return shared + rows * (longest - shared) if shared >= min_shared else rows * longest
 
@@ -84,8 +86,9 @@ def _batches_by_prefix(sequences: Sequence[Sequence[int]], order: list[int], bat
         if rows:
             joined = min(shared, _common_prefix(sequences[rows[0]], seq), len(seq) - 1)
             wider = max(longest, len(seq))
-            if (len(rows) < batch_size
-                    and cost(joined, len(rows) + 1, wider) <= 1.25 * (cost(shared, len(rows), longest) + len(seq))):
+            if len(rows) < batch_size and cost(joined, len(rows) + 1, wider) <= 1.25 * (
+                cost(shared, len(rows), longest) + len(seq)
+            ):
                 rows.append(i)
                 shared, longest = joined, wider
                 continue
@@ -97,8 +100,15 @@ def _batches_by_prefix(sequences: Sequence[Sequence[int]], order: list[int], bat
 
 
 @torch.inference_mode()
-def last_token_hidden(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, *,
-                      batch_size: int = 16, progress: bool = False, min_shared: int = 16) -> torch.Tensor:
+def last_token_hidden(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    min_shared: int = 16,
+) -> torch.Tensor:
     """Hidden states after every decoder layer at the last token: shape (layers, rows, hidden), float64.
 
     The prompts are batched in token order, so the prompts of one framing and document (the same system
@@ -118,28 +128,47 @@ def last_token_hidden(model: nn.Module, sequences: Sequence[Sequence[int]], pad_
             chunks.append(_hidden_after_shared_prefix(model, batch, shared, pad_id, device))
             continue
         ids, mask, positions = left_pad(batch, pad_id, device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
         chunks.append(torch.stack([h[:, -1, :] for h in out.hidden_states[1:]]).to("cpu", torch.float64))
     return torch.cat(chunks, dim=1)[:, torch.argsort(torch.tensor(done, dtype=torch.long))]  # input order
 
 
-def _hidden_after_shared_prefix(model: nn.Module, batch: list[Sequence[int]], shared: int, pad_id: int,
-                                device: torch.device) -> torch.Tensor:
+def _hidden_after_shared_prefix(
+    model: nn.Module, batch: list[Sequence[int]], shared: int, pad_id: int, device: torch.device
+) -> torch.Tensor:
     """`last_token_hidden` of one batch whose rows share their first ``shared`` tokens."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
     prefix = torch.tensor([list(batch[0][:shared])], dtype=torch.long, device=device)
-    model(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=torch.arange(shared,
-          device=device)[None], **cache_kwarg(cache), use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=prefix,
+        attention_mask=torch.ones_like(prefix),
+        position_ids=torch.arange(shared, device=device)[None],
+        **cache_kwarg(cache),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache.batch_repeat_interleave(len(batch))
     rests = [list(seq[shared:]) for seq in batch]
     ids, rest_mask = right_pad(rests, pad_id, device)
     mask = torch.cat([torch.ones((len(batch), shared), dtype=torch.long, device=device), rest_mask], dim=-1)
     positions = (shared + torch.arange(ids.shape[1], device=device))[None].expand(len(batch), -1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwarg(cache), use_cache=True,
-                output_hidden_states=True)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        **cache_kwarg(cache),
+        use_cache=True,
+        output_hidden_states=True,
+    )
     last = torch.tensor([len(rest) - 1 for rest in rests], device=device)
     rows = torch.arange(len(batch), device=device)
     return torch.stack([h[rows, last, :] for h in out.hidden_states[1:]]).to("cpu", torch.float64)
@@ -173,8 +202,9 @@ GATE_METHODS: tuple[str, ...] = ("probe", "mean_difference")
 
 def _balanced_weights(n_positive: int, n_negative: int) -> torch.Tensor:
     """Sample weights giving each class half of a total weight of 1."""
-    return torch.cat([torch.full((n_positive,), 0.5 / n_positive),
-                      torch.full((n_negative,), 0.5 / n_negative)]).double()
+    return torch.cat(
+        [torch.full((n_positive,), 0.5 / n_positive), torch.full((n_negative,), 0.5 / n_negative)]
+    ).double()
 
 
 def _probe(harmful: torch.Tensor, benign: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
@@ -200,9 +230,15 @@ def _probe(harmful: torch.Tensor, benign: torch.Tensor, l2: float) -> tuple[torc
     return weights, intercept - float(mean @ weights)
 
 
-def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: float = 0.0,
-                         l2: float | None = None, layers: Sequence[int] | None = None,
-                         method: GateMethod = "probe") -> GateFit:
+def fit_gate_from_hidden(
+    harmful: torch.Tensor,
+    benign: torch.Tensor,
+    *,
+    floor: float = 0.0,
+    l2: float | None = None,
+    layers: Sequence[int] | None = None,
+    method: GateMethod = "probe",
+) -> GateFit:
     """Fit a gate from hidden states of shape (layers, rows, hidden) of harmful and benign prompts.
     ``l2`` defaults to 0.003 for ``probe`` (chosen on the held-in split, docs/vectors.md) and 0.1 for
     ``mean_difference``."""
@@ -214,7 +250,8 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
         raise InvalidInputError("harmful and benign hidden states must have the same layers and hidden size")
     if harmful.shape[1] < 4 or benign.shape[1] < 4:
         raise InvalidInputError(
-            f"need at least 4 harmful and 4 benign prompts; got {harmful.shape[1]} and {benign.shape[1]}")
+            f"need at least 4 harmful and 4 benign prompts; got {harmful.shape[1]} and {benign.shape[1]}"
+        )
     n_layers = harmful.shape[0]
     candidates = list(layers) if layers is not None else list(range(max(1, n_layers - 1)))
     harmful, benign = harmful.double(), benign.double()
@@ -225,8 +262,10 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
             scores.append(float("nan"))
             continue
         h, b = harmful[layer], benign[layer]
-        folds = ((slice(0, half_h), slice(half_h, None), slice(0, half_b), slice(half_b, None)),
-                 (slice(half_h, None), slice(0, half_h), slice(half_b, None), slice(0, half_b)))
+        folds = (
+            (slice(0, half_h), slice(half_h, None), slice(0, half_b), slice(half_b, None)),
+            (slice(half_h, None), slice(0, half_h), slice(half_b, None), slice(0, half_b)),
+        )
         total = 0.0
         for fit_h, test_h, fit_b, test_b in folds:
             if method == "probe":
@@ -250,21 +289,32 @@ def fit_gate_from_hidden(harmful: torch.Tensor, benign: torch.Tensor, *, floor: 
     z = (torch.cat([ph, pb]) - middle) / spread
     weights = _balanced_weights(len(ph), len(pb))
     slope, intercept = _logistic_1d(z, y, weights * len(y), l2)
-    gate = HarmGate(direction=(slope / spread) * unit, layer=best,
-                    bias=intercept - slope * middle / spread, floor=floor)
+    gate = HarmGate(
+        direction=(slope / spread) * unit, layer=best, bias=intercept - slope * middle / spread, floor=floor
+    )
     return _result(gate, h, b, y, scores)
 
 
 def _result(gate: HarmGate, h: torch.Tensor, b: torch.Tensor, y: torch.Tensor, scores: list[float]) -> GateFit:
     predicted = gate.weight(torch.cat([h, b]).float()) > (gate.floor + (1 - gate.floor) * 0.5)
     accuracy = float((predicted.double() == y).double().mean())
-    return GateFit(gate=gate, layer_auc=tuple(scores), train_accuracy=accuracy,
-                   n_harmful=int(h.shape[0]), n_benign=int(b.shape[0]))
+    return GateFit(
+        gate=gate, layer_auc=tuple(scores), train_accuracy=accuracy, n_harmful=int(h.shape[0]), n_benign=int(b.shape[0])
+    )
 
 
-def fit_gate(model: nn.Module, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], *,
-             framings: Sequence[Framing] | None = None, floor: float = 0.0, batch_size: int = 16,
-             progress: bool = False, method: GateMethod = "probe") -> GateFit:
+def fit_gate(
+    model: nn.Module,
+    tokenizer: Any,
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    *,
+    framings: Sequence[Framing] | None = None,
+    floor: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = False,
+    method: GateMethod = "probe",
+) -> GateFit:
     """Fit a `HarmGate` on harmful vs benign questions, each put in every one of ``framings``
     (`data.gate_framings`; None: as bare one-turn chats only). The same framings on both sides keep the
     framing from carrying any signal. A framing with a prompt longer than the model's context window is left
@@ -287,16 +337,19 @@ def fit_gate(model: nn.Module, tokenizer: Any, harmful: Sequence[str], benign: S
     return replace(fit, framings=tuple(f.name for f in used))
 
 
-def _fitting_framings(model: nn.Module, tokenizer: Any, questions: list[str],
-                      framings: Sequence[Framing]) -> tuple[list[list[int]], tuple[Framing, ...]]:
+def _fitting_framings(
+    model: nn.Module, tokenizer: Any, questions: list[str], framings: Sequence[Framing]
+) -> tuple[list[list[int]], tuple[Framing, ...]]:
     """Token ids of every question in every framing whose prompts all fit the model's context window
     (question-major), and those framings."""
     window = context_window(model)
     per_framing = [framed_ids(tokenizer, questions, [framing]) for framing in framings]
     keep = [k for k, ids in enumerate(per_framing) if window is None or max(map(len, ids)) <= window]
     if not keep:
-        raise InvalidInputError(f"no gate framing fits the model's context window of {window} tokens "
-                         f"(framings: {', '.join(f.name for f in framings)})")
+        raise InvalidInputError(
+            f"no gate framing fits the model's context window of {window} tokens "
+            f"(framings: {', '.join(f.name for f in framings)})"
+        )
     sequences = [per_framing[k][q] for q in range(len(questions)) for k in keep]
     return sequences, tuple(framings[k] for k in keep)
 

@@ -56,8 +56,9 @@ def out_projections(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.inference_mode()
-def capture_head_means(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, *,
-                       batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+def capture_head_means(
+    model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
     """Mean over ``sequences`` of every head's output at the last token: shape (layers, heads, head_dim),
     float32, read at the input of each layer's attention output projection."""
     shape = model_shape(model)
@@ -83,23 +84,26 @@ def _target_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 @torch.inference_mode()
-def target_probability(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int,
-                       targets: Sequence[int], *, batch_size: int = 8) -> torch.Tensor:
+def target_probability(
+    model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, targets: Sequence[int], *, batch_size: int = 8
+) -> torch.Tensor:
     """Unpatched probability mass of ``targets`` as the next token after each sequence."""
     device = _device(model)
     target_ids = torch.tensor(list(targets), device=device)
     out = []
     for part in _batches(len(sequences), batch_size):
         ids, mask, positions = left_pad(sequences[part], pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=1).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
+        ).logits
         out.append(_target_probability(logits, target_ids).cpu())
     return torch.cat(out)
 
 
 @torch.inference_mode()
-def patched_probability(model: nn.Module, sequence: Sequence[int], layer: int, head: int,
-                        mean: torch.Tensor, targets: Sequence[int]) -> float:
+def patched_probability(
+    model: nn.Module, sequence: Sequence[int], layer: int, head: int, mean: torch.Tensor, targets: Sequence[int]
+) -> float:
     """Direct recomputation for one prompt and one head (no cache, no batching): the probability mass of
     ``targets`` after replacing head (layer, head)'s output at the last token by ``mean``."""
     shape = model_shape(model)
@@ -119,8 +123,16 @@ def patched_probability(model: nn.Module, sequence: Sequence[int], layer: int, h
 
 
 @torch.inference_mode()
-def indirect_effects(model: nn.Module, corrupted: Sequence[Sequence[int]], pad_id: int, means: torch.Tensor,
-                     targets: Sequence[int], *, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+def indirect_effects(
+    model: nn.Module,
+    corrupted: Sequence[Sequence[int]],
+    pad_id: int,
+    means: torch.Tensor,
+    targets: Sequence[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
     """Average indirect effect of every head: shape (layers, heads).
 
     For each corrupted prompt and head (L, H), the head's output at the last token is replaced by
@@ -155,7 +167,7 @@ def indirect_effects(model: nn.Module, corrupted: Sequence[Sequence[int]], pad_i
     head_of_row = torch.arange(n_heads).repeat(1)
     block_mask = torch.zeros(n_heads, n_heads * head_dim, dtype=torch.bool)
     for head in range(n_heads):
-        block_mask[head, head * head_dim:(head + 1) * head_dim] = True
+        block_mask[head, head * head_dim : (head + 1) * head_dim] = True
     parts = list(_batches(len(corrupted), batch_size))
     bar = tqdm(total=len(parts) * n_layers, desc="indirect effects", disable=not progress)
     with _pre_hooks(projections, hook):
@@ -163,12 +175,25 @@ def indirect_effects(model: nn.Module, corrupted: Sequence[Sequence[int]], pad_i
             ids, mask, positions = left_pad(corrupted[part], pad_id, device)
             rows = ids.shape[0]
             prefix = DynamicCache(config=model.config)  # type: ignore[arg-type]
-            model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                  **cache_kwarg(prefix), use_cache=True, logits_to_keep=1)
+            model(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1],
+                **cache_kwarg(prefix),
+                use_cache=True,
+                logits_to_keep=1,
+            )
             state.clear()
             base = _target_probability(
-                model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                      **cache_kwarg(copy.deepcopy(prefix)), use_cache=True).logits, target_ids).cpu()
+                model(
+                    input_ids=ids[:, -1:],
+                    attention_mask=mask,
+                    position_ids=positions[:, -1:],
+                    **cache_kwarg(copy.deepcopy(prefix)),
+                    use_cache=True,
+                ).logits,
+                target_ids,
+            ).cpu()
             rep_ids = ids[:, -1:].repeat_interleave(n_heads, 0)
             rep_mask = mask.repeat_interleave(n_heads, 0)
             rep_pos = positions[:, -1:].repeat_interleave(n_heads, 0)
@@ -178,8 +203,13 @@ def indirect_effects(model: nn.Module, corrupted: Sequence[Sequence[int]], pad_i
                 cache.batch_repeat_interleave(n_heads)
                 values = means[layer].reshape(1, n_heads * head_dim).expand(rows * n_heads, -1).to(device)
                 state.update(layer=layer, where=where, values=values)
-                logits = model(input_ids=rep_ids, attention_mask=rep_mask, position_ids=rep_pos, **cache_kwarg(cache),
-                               use_cache=True).logits
+                logits = model(
+                    input_ids=rep_ids,
+                    attention_mask=rep_mask,
+                    position_ids=rep_pos,
+                    **cache_kwarg(cache),
+                    use_cache=True,
+                ).logits
                 patched = _target_probability(logits, target_ids).cpu().view(rows, n_heads)
                 effects[layer] += (patched - base[:, None]).sum(0)
                 state.clear()
@@ -209,11 +239,12 @@ def function_vector(model: nn.Module, means: torch.Tensor, heads: Sequence[tuple
     width = shape.num_heads * shape.head_dim
     for layer, head in heads:
         if not (0 <= layer < shape.num_layers and 0 <= head < shape.num_heads):
-            raise InvalidSettingError(f"head ({layer}, {head}) is out of range for {shape.num_layers} layers x "
-                             f"{shape.num_heads} heads")
+            raise InvalidSettingError(
+                f"head ({layer}, {head}) is out of range for {shape.num_layers} layers x {shape.num_heads} heads"
+            )
         projection = attention_out_proj(model, layer)
         x = torch.zeros(2, 1, width, dtype=dtype, device=device)
-        x[0, 0, head * shape.head_dim:(head + 1) * shape.head_dim] = means[layer, head].to(dtype)
+        x[0, 0, head * shape.head_dim : (head + 1) * shape.head_dim] = means[layer, head].to(dtype)
         out = projection(x)
         total += (out[0, 0] - out[1, 0]).to("cpu", torch.float64)
     return total.to(torch.float32)

@@ -48,16 +48,29 @@ def _batch(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Te
     steer = torch.zeros(len(items), width)
     for row, (prompt, answer) in enumerate(items):
         start = width - len(prompt) - len(answer)
-        labels[row, start + len(prompt):] = torch.tensor(answer)
-        steer[row, start + len(prompt) - 1:] = 1.0
+        labels[row, start + len(prompt) :] = torch.tensor(answer)
+        steer[row, start + len(prompt) - 1 :] = 1.0
     return ids, mask, positions, labels, steer
 
 
-def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: int = 30, lr: float = 0.2,
-                    harmful_batch: int = 12, benign_batch: int = 6, answer_tokens: int = 10,
-                    benign_weight: float = 0.5, seed: int = 0, gate: HarmGate | None = None,
-                    gate_metadata: dict[str, Any] | None = None, fit_harm_gate: bool = True,
-                    framings: Sequence[data.Framing] | None = None, progress: bool = True) -> SafetyVector:
+def optimize_vector(
+    engine: Any,
+    *,
+    layer: int = 8,
+    scale: float = 1.25,
+    steps: int = 30,
+    lr: float = 0.2,
+    harmful_batch: int = 12,
+    benign_batch: int = 6,
+    answer_tokens: int = 10,
+    benign_weight: float = 0.5,
+    seed: int = 0,
+    gate: HarmGate | None = None,
+    gate_metadata: dict[str, Any] | None = None,
+    fit_harm_gate: bool = True,
+    framings: Sequence[data.Framing] | None = None,
+    progress: bool = True,
+) -> SafetyVector:
     """Train a safety vector for ``engine.model`` (a `SafeInferEngine`). The returned vector carries
     ``gate`` when given (its metadata describes it by ``gate_metadata``), else (with ``fit_harm_gate``) a probe
     gate fitted on `data.gate_harmful_questions` against `data.gate_benign_questions` (the build and gate
@@ -67,8 +80,12 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
     shape = model_shape(model)
     if not 0 <= layer < shape.num_layers:
         raise InvalidSettingError(f"layer must be in 0..{shape.num_layers - 1}; got {layer}")
-    for name, value in (("steps", steps), ("harmful_batch", harmful_batch), ("benign_batch", benign_batch),
-                        ("answer_tokens", answer_tokens)):
+    for name, value in (
+        ("steps", steps),
+        ("harmful_batch", harmful_batch),
+        ("benign_batch", benign_batch),
+        ("answer_tokens", answer_tokens),
+    ):
         if value < 1:
             raise InvalidSettingError(f"{name} must be >= 1; got {value}")
     started = time.perf_counter()
@@ -76,11 +93,14 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
     harmful = data.harmful_demos("build")
     benign = [b.question for b in data.benign_prompts("gate")]
     own = engine.generate([chat(q) for q in benign], mode="vanilla", max_new_tokens=answer_tokens)
-    harmful_items = [(engine.formatter.encode(chat(d.question)),
-                      list(tokenizer(d.answer, add_special_tokens=False)["input_ids"])[:answer_tokens])
-                     for d in harmful]
-    benign_items = [(engine.formatter.encode(chat(q)), list(g.token_ids)[:answer_tokens])
-                    for q, g in zip(benign, own)]
+    harmful_items = [
+        (
+            engine.formatter.encode(chat(d.question)),
+            list(tokenizer(d.answer, add_special_tokens=False)["input_ids"])[:answer_tokens],
+        )
+        for d in harmful
+    ]
+    benign_items = [(engine.formatter.encode(chat(q)), list(g.token_ids)[:answer_tokens]) for q, g in zip(benign, own)]
     pad = pad_id_of(tokenizer)
     device = next(model.parameters()).device
     vector = torch.zeros(shape.hidden_size, device=device, requires_grad=True)
@@ -93,8 +113,9 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
         ids, mask, positions, labels, steer = (t.to(device) for t in _batch(items, pad))
         steer_now["mask"] = steer
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100)
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
 
     flags = [p.requires_grad for p in model.parameters()]
     for parameter in model.parameters():
@@ -116,34 +137,60 @@ def optimize_vector(engine: Any, *, layer: int = 8, scale: float = 1.25, steps: 
         handle.remove()
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
-    gate_info: dict[str, Any] = ({**(gate_metadata or {}), "source": "given"} if gate is not None
-                                 else {"source": "none"})
+    gate_info: dict[str, Any] = {**(gate_metadata or {}), "source": "given"} if gate is not None else {"source": "none"}
     if gate is None and fit_harm_gate:
-        fit = fit_gate(model, tokenizer, data.gate_harmful_questions(), data.gate_benign_questions(),
-                       framings=data.gate_framings() if framings is None else framings, progress=progress)
+        fit = fit_gate(
+            model,
+            tokenizer,
+            data.gate_harmful_questions(),
+            data.gate_benign_questions(),
+            framings=data.gate_framings() if framings is None else framings,
+            progress=progress,
+        )
         gate = fit.gate
-        gate_info = {"source": "fitted", "method": "probe", "layer": gate.layer,
-                     "cv_auc": round(fit.layer_auc[gate.layer], 4), "train_accuracy": round(fit.train_accuracy, 4),
-                     "n_harmful": fit.n_harmful, "n_benign": fit.n_benign,
-                     "fit_data": "harmful: build splits; benign: gate splits (training.data.gate_*_questions)",
-                     "framings": list(fit.framings)}
+        gate_info = {
+            "source": "fitted",
+            "method": "probe",
+            "layer": gate.layer,
+            "cv_auc": round(fit.layer_auc[gate.layer], 4),
+            "train_accuracy": round(fit.train_accuracy, 4),
+            "n_harmful": fit.n_harmful,
+            "n_benign": fit.n_benign,
+            "fit_data": "harmful: build splits; benign: gate splits (training.data.gate_*_questions)",
+            "framings": list(fit.framings),
+        }
     metadata = {
         "method": "optimized",
         "model_name": engine.model_name,
         **shape.as_metadata(),
         "dataset_hash": data.dataset_hash(),
         "builder_version": OPTIMIZER_VERSION,
-        "optimize": {"steps": steps, "lr": lr, "harmful_batch": harmful_batch, "benign_batch": benign_batch,
-                     "answer_tokens": answer_tokens, "benign_weight": benign_weight, "seed": seed,
-                     "loss_history": history, "seconds": round(time.perf_counter() - started, 1)},
+        "optimize": {
+            "steps": steps,
+            "lr": lr,
+            "harmful_batch": harmful_batch,
+            "benign_batch": benign_batch,
+            "answer_tokens": answer_tokens,
+            "benign_weight": benign_weight,
+            "seed": seed,
+            "loss_history": history,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
         "gate": gate_info,
     }
     return SafetyVector(vector=vector.detach(), layer=layer, scale=scale, metadata=metadata, gate=gate)
 
 
-def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int | None = None,
-                    scale: float | None = None, seed: int = 0, gate: bool | HarmGate = True,
-                    gate_metadata: dict[str, Any] | None = None, progress: bool = True) -> SafetyVector:
+def build_optimized(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    layer: int | None = None,
+    scale: float | None = None,
+    seed: int = 0,
+    gate: bool | HarmGate = True,
+    gate_metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SafetyVector:
     """The shipped default vector's recipe (``safeinfer build-vector --method optimized``): `optimize_vector`
     with its defaults, at the calibrated layer and scale, with the calibrated gate sharpness applied to a
     fitted gate. For the default model (``model`` None or its name) these come from
@@ -158,9 +205,16 @@ def build_optimized(model: str | os.PathLike[str] | None = None, *, layer: int |
     calibration, chosen = calibrated_choice(OPTIMIZED_CALIBRATION, is_default_model(model))
     engine = SafeInferEngine.from_pretrained(model)  # its own vector (the default model's) is not used
     layer, scale = default_setting(chosen, model_shape(engine.model).num_layers, layer, scale)
-    vector = optimize_vector(engine, layer=layer, scale=scale, seed=seed,
-                             gate=gate if isinstance(gate, HarmGate) else None, gate_metadata=gate_metadata,
-                             fit_harm_gate=gate is True, progress=progress)
+    vector = optimize_vector(
+        engine,
+        layer=layer,
+        scale=scale,
+        seed=seed,
+        gate=gate if isinstance(gate, HarmGate) else None,
+        gate_metadata=gate_metadata,
+        fit_harm_gate=gate is True,
+        progress=progress,
+    )
     metadata = dict(vector.metadata)
     sharp = sharpness_of(chosen.get("gate_sharpness"))
     if gate is True and vector.gate is not None and sharp != PLAIN:

@@ -33,8 +33,15 @@ class _Part:
         device = next(model.parameters()).device
         self.ids, self.mask, self.positions = left_pad(prompts, pad_id, device)
         self.prefix = DynamicCache(config=model.config)
-        out = model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                    **cache_kwarg(self.prefix), use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        out = model(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            **cache_kwarg(self.prefix),
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
         self.hidden = [h[:, -1, :] for h in out.hidden_states]  # [i] = after decoder layer i - 1
         self.prefix.crop(-1)  # drop the last prompt token: steering starts there (one cache kept, not two)
 
@@ -48,8 +55,17 @@ class _Part:
         mask, position, step_ids = self.mask, self.positions[:, -1:], self.ids[:, -1:]
         for step in range(max_new_tokens):
             with steerer.active(coef):
-                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=position,
-                                    **cache_kwarg(cache), use_cache=True).logits[:, -1, :].float()
+                logits = (
+                    self.model(
+                        input_ids=step_ids,
+                        attention_mask=mask,
+                        position_ids=position,
+                        **cache_kwarg(cache),
+                        use_cache=True,
+                    )
+                    .logits[:, -1, :]
+                    .float()
+                )
             chosen = torch.log_softmax(logits, dim=-1).argmax(dim=-1)
             for row, token in enumerate(chosen.tolist()):
                 if not done[row]:
@@ -73,10 +89,15 @@ class _Part:
         feed, feed_mask = right_pad([[t, *a[:-1]] for t, a in zip(last, answers)], self.pad_id, device)
         mask = torch.cat([self.mask[:, :-1], feed_mask], dim=-1)
         positions = self.positions[:, -1:] + torch.arange(feed.shape[1], device=device)[None, :]
-        logits = self.model(input_ids=feed, attention_mask=mask, position_ids=positions,
-                            **cache_kwarg(copy.deepcopy(self.prefix)), use_cache=True).logits
+        logits = self.model(
+            input_ids=feed,
+            attention_mask=mask,
+            position_ids=positions,
+            **cache_kwarg(copy.deepcopy(self.prefix)),
+            use_cache=True,
+        ).logits
         # row by row: all rows in float64 at once take gigabytes
-        return float(sum(token_nll(logits[row, :len(answer)], answer) for row, answer in enumerate(answers) if answer))
+        return float(sum(token_nll(logits[row, : len(answer)], answer) for row, answer in enumerate(answers) if answer))
 
 
 class HeldIn:
@@ -108,8 +129,9 @@ class HeldIn:
             weights[group] = vector.gate.weight(part.hidden[vector.gate.layer + 1]).cpu()
         return weights
 
-    def generate(self, vector: SafetyVector | None, *, gate: bool, max_new_tokens: int) -> tuple[
-            list[list[int]], torch.Tensor | None]:
+    def generate(
+        self, vector: SafetyVector | None, *, gate: bool, max_new_tokens: int
+    ) -> tuple[list[list[int]], torch.Tensor | None]:
         """Greedy SA generation for every prompt (``vector`` None: unsteered). Returns the generated token
         ids of each row (up to and including its first end token) and the gate weights used."""
         rows = len(self.prompts)

@@ -24,8 +24,9 @@ def parse_sharpness(text: str) -> list[Sharpness]:
         try:
             factor, shift = (float(v) for v in item.split(":"))
         except ValueError as error:
-            raise InvalidSettingError(f"gate sharpness must be comma-separated factor:shift pairs such as 1:0,2:2; "
-                             f"got {item!r}") from error
+            raise InvalidSettingError(
+                f"gate sharpness must be comma-separated factor:shift pairs such as 1:0,2:2; got {item!r}"
+            ) from error
         if not (math.isfinite(factor) and factor > 0 and math.isfinite(shift)):
             raise InvalidSettingError(f"gate sharpness {item!r}: the factor must be > 0 and both finite")
         pairs.append((factor, shift))
@@ -43,5 +44,10 @@ def with_sharpness(vector: SafetyVector, sharpness: Sharpness) -> SafetyVector:
     """``vector`` with its gate sharpened (unchanged for 1:0 or a vector without a gate)."""
     if vector.gate is None or sharpness == PLAIN:
         return vector
-    return SafetyVector(vector.vector, layer=vector.layer, scale=vector.scale, metadata=vector.metadata,
-                        gate=vector.gate.sharpened(*sharpness))
+    return SafetyVector(
+        vector.vector,
+        layer=vector.layer,
+        scale=vector.scale,
+        metadata=vector.metadata,
+        gate=vector.gate.sharpened(*sharpness),
+    )

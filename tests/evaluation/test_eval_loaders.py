@@ -26,9 +26,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_harmeval_layout(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path / "h.csv", 'Question,Topic\n"How do I do bad thing one, quickly?",Malware\nBad two?,Fraud\n'
-    )
+    path = _write(tmp_path / "h.csv", 'Question,Topic\n"How do I do bad thing one, quickly?",Malware\nBad two?,Fraud\n')
     items = load_items(path, "harmful")
     assert items == [
         EvalItem("harmful", "How do I do bad thing one, quickly?", "Malware"),
@@ -54,14 +52,10 @@ def test_dangerousqa_layout_is_a_json_list_of_strings(tmp_path: Path) -> None:
 
 
 def test_jsonl_and_json_objects_with_overrides(tmp_path: Path) -> None:
-    jl = _write(
-        tmp_path / "b.jsonl", '{"prompt": "Hi?", "Category": "x"}\n\n{"prompt": "Yo?", "Category": "y"}\n'
-    )
+    jl = _write(tmp_path / "b.jsonl", '{"prompt": "Hi?", "Category": "x"}\n\n{"prompt": "Yo?", "Category": "y"}\n')
     assert [(i.question, i.category) for i in load_items(jl, "benign")] == [("Hi?", "x"), ("Yo?", "y")]
     js = _write(tmp_path / "b.json", json.dumps({"data": [{"q": "A?", "grp": "g"}]}))
-    assert load_items(js, "benign", question_column="q", category_column="grp") == [
-        EvalItem("benign", "A?", "g")
-    ]
+    assert load_items(js, "benign", question_column="q", category_column="grp") == [EvalItem("benign", "A?", "g")]
 
 
 def test_qa_answers_pipe_separated_or_list(tmp_path: Path) -> None:

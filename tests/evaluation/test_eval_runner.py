@@ -205,9 +205,7 @@ def test_report_and_plots(engine: _Counting, tmp_path: Path) -> None:
     assert "| vanilla |" in report and "| sa |" in report and "| crime | 2 |" in report
 
 
-def test_cli_eval_and_bench_are_registered(
-    tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Path
-) -> None:
+def test_cli_eval_and_bench_are_registered(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Path) -> None:
     from safeinfer_integrations import cli
 
     model_dir = tmp_path / "tiny"

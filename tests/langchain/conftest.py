@@ -26,8 +26,9 @@ class ScriptedLM(torch.nn.Module):
 
     def __init__(self, script: list[int], vocab_size: int, eos_id: int, context: int = 8192) -> None:
         super().__init__()
-        self.config = PretrainedConfig(vocab_size=vocab_size, max_position_embeddings=context,
-                                       num_hidden_layers=1, name_or_path="scripted-lm")
+        self.config = PretrainedConfig(
+            vocab_size=vocab_size, max_position_embeddings=context, num_hidden_layers=1, name_or_path="scripted-lm"
+        )
         self.script = list(script)
         self.vocab_size = vocab_size
         self.eos_id = eos_id
@@ -74,7 +75,6 @@ def tiny_engine(tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInferEngine
     return SafeInferEngine(tiny_model_factory("llama"), tiny_tokenizer, model_name="tiny-llama")
 
 
-
 # The standard integration suite's tests that need the model itself to write a correct tool call or a
 # schema-valid JSON object (see test_lc_standard.py). SmolLM2-135M was not trained for tool use or JSON
 # output: given the tool prompt it mostly answers in prose or writes malformed calls.
@@ -82,18 +82,31 @@ TOO_SMALL_REASON = (
     "SmolLM2-135M cannot produce correct tool calls / schema-valid JSON reliably; the adapter's tool calling "
     "and structured output are tested with scripted model outputs in test_lc_chat.py"
 )
-NEEDS_A_CAPABLE_MODEL = frozenset({
-    "test_tool_calling", "test_tool_calling_async", "test_bind_runnables_as_tools", "test_tool_choice",
-    "test_tool_calling_with_no_arguments", "test_agent_loop", "test_unicode_tool_call_integration",
-    "test_structured_output", "test_structured_output_async", "test_structured_output_pydantic_2_v1",
-    "test_structured_output_optional_param", "test_json_mode",
-})
+NEEDS_A_CAPABLE_MODEL = frozenset(
+    {
+        "test_tool_calling",
+        "test_tool_calling_async",
+        "test_bind_runnables_as_tools",
+        "test_tool_choice",
+        "test_tool_calling_with_no_arguments",
+        "test_agent_loop",
+        "test_unicode_tool_call_integration",
+        "test_structured_output",
+        "test_structured_output_async",
+        "test_structured_output_pydantic_2_v1",
+        "test_structured_output_optional_param",
+        "test_json_mode",
+    }
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark those tests xfail (non-strict: a lucky pass is reported as XPASS, not a failure)."""
     for item in items:
         cls = getattr(item, "cls", None)
-        if cls is not None and cls.__name__ == "TestChatSafeInferIntegration" and \
-                getattr(item, "originalname", None) in NEEDS_A_CAPABLE_MODEL:
+        if (
+            cls is not None
+            and cls.__name__ == "TestChatSafeInferIntegration"
+            and getattr(item, "originalname", None) in NEEDS_A_CAPABLE_MODEL
+        ):
             item.add_marker(pytest.mark.xfail(reason=TOO_SMALL_REASON, strict=False))

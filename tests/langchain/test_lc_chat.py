@@ -38,13 +38,17 @@ def _collect(chunks: list[AIMessageChunk]) -> AIMessageChunk:
 def test_invoke_metadata_and_no_prompt_echo(tiny_engine: Any) -> None:
     model = ChatSafeInfer(engine=tiny_engine, mode="vanilla", max_tokens=6)
     message = model.invoke([SystemMessage("Be brief."), HumanMessage("How do I bake bread?")])
-    [reference] = tiny_engine.generate([{"role": "system", "content": "Be brief."},
-                                        {"role": "user", "content": "How do I bake bread?"}],
-                                       max_new_tokens=6, mode="vanilla")
+    [reference] = tiny_engine.generate(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I bake bread?"}],
+        max_new_tokens=6,
+        mode="vanilla",
+    )
     assert message.content == reference.text  # the generated tokens only: the prompt is not echoed
-    assert message.usage_metadata == {"input_tokens": reference.usage.prompt_tokens,
-                                      "output_tokens": reference.usage.completion_tokens,
-                                      "total_tokens": reference.usage.total_tokens}
+    assert message.usage_metadata == {
+        "input_tokens": reference.usage.prompt_tokens,
+        "output_tokens": reference.usage.completion_tokens,
+        "total_tokens": reference.usage.total_tokens,
+    }
     assert message.response_metadata["model_name"] == "tiny-llama"
     assert message.response_metadata["finish_reason"] in ("stop", "length")
     assert _settings(message) == reference.safety.as_dict()
@@ -54,14 +58,27 @@ def test_every_role_reaches_the_template(scripted: Any) -> None:
     engine = scripted("ok")
     model = ChatSafeInfer(engine=engine, mode="vanilla")
     history = [
-        SystemMessage("sys-one"), SystemMessage("sys-two"), HumanMessage("human-one"), HumanMessage("human-two"),
+        SystemMessage("sys-one"),
+        SystemMessage("sys-two"),
+        HumanMessage("human-one"),
+        HumanMessage("human-two"),
         AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1}, "id": "c1", "type": "tool_call"}]),
-        ToolMessage("tool-result-3", tool_call_id="c1", name="add"), AIMessage("ai-one"), HumanMessage("human-3"),
+        ToolMessage("tool-result-3", tool_call_id="c1", name="add"),
+        AIMessage("ai-one"),
+        HumanMessage("human-3"),
     ]
     call = model._prepare(history, None, {})
     text = engine.formatter.render_chat(call.prompt)
-    for needle in ("sys-one", "sys-two", "human-one", "human-two", "tool-result-3", "ai-one", "human-3",
-                   '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'):
+    for needle in (
+        "sys-one",
+        "sys-two",
+        "human-one",
+        "human-two",
+        "tool-result-3",
+        "ai-one",
+        "human-3",
+        '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>',
+    ):
         assert needle in text
     assert text.index("human-two") < text.index("tool-result-3") < text.index("ai-one") < text.index("human-3")
     assert model.invoke(history).content == "ok"
@@ -69,8 +86,9 @@ def test_every_role_reaches_the_template(scripted: Any) -> None:
 
 def test_non_text_content_is_rejected_clearly(tiny_engine: Any) -> None:
     model = ChatSafeInfer(engine=tiny_engine, mode="vanilla", max_tokens=2)
-    image = HumanMessage([{"type": "text", "text": "what is this"},
-                          {"type": "image", "url": "https://example.com/x.png"}])
+    image = HumanMessage(
+        [{"type": "text", "text": "what is this"}, {"type": "image", "url": "https://example.com/x.png"}]
+    )
     with pytest.raises(ValueError, match="block 1 has type 'image'.*text only"):
         model.invoke([image])
 
@@ -266,7 +284,8 @@ def test_per_call_overrides_never_touch_the_shared_engine(tiny_engine: Any) -> N
 
 def test_configurable_fields(tiny_engine: Any) -> None:
     model = ChatSafeInfer(engine=tiny_engine, mode="vanilla", max_tokens=4).configurable_fields(
-        mode=ConfigurableField(id="safety_mode"), max_tokens=ConfigurableField(id="max_tokens"))
+        mode=ConfigurableField(id="safety_mode"), max_tokens=ConfigurableField(id="max_tokens")
+    )
     message = model.invoke("hi", config={"configurable": {"safety_mode": "sgds", "max_tokens": 2}})
     assert _settings(message)["mode"] == "sgds" and message.usage_metadata["output_tokens"] <= 2
     assert _settings(model.invoke("hi"))["mode"] == "vanilla"
@@ -314,8 +333,10 @@ def test_stop_strings_spanning_tokens(scripted: Any, smol_tokenizer: Any, stop: 
 
 def test_stop_string_spans_tokens_on_a_real_tokenizer(smol_tokenizer: Any) -> None:
     # The stop strings above really are multi-token: no single token of the script contains them.
-    pieces = [smol_tokenizer.decode([i]) for i in smol_tokenizer("Hello world, hello moon",
-                                                                add_special_tokens=False)["input_ids"]]
+    pieces = [
+        smol_tokenizer.decode([i])
+        for i in smol_tokenizer("Hello world, hello moon", add_special_tokens=False)["input_ids"]
+    ]
     for stop in ("lo wor", "o w"):
         assert not any(stop in piece for piece in pieces)
 
@@ -345,11 +366,14 @@ def _check_call(message: AIMessage, name: str = "get_weather", args: dict[str, A
     assert len(blocks) == 1 and blocks[0]["name"] == name
 
 
-@pytest.mark.parametrize("reply", [
-    TOOL_REPLY,
-    '{"name": "get_weather", "arguments": {"city": "Paris"}}',
-    '```json\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n```',
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        TOOL_REPLY,
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        '```json\n{"name": "get_weather", "parameters": {"city": "Paris"}}\n```',
+    ],
+)
 def test_tool_calls_are_parsed_in_invoke_stream_and_async(scripted: Any, reply: str) -> None:
     model = ChatSafeInfer(engine=scripted(reply), mode="sgds").bind_tools([get_weather])
     invoked = model.invoke("Weather in Paris?")
@@ -404,14 +428,14 @@ def test_tool_messages_in_history_and_agent_loop(scripted: Any) -> None:
     history = [question, step, result]
     answer = final.invoke(history)
     assert answer.content == "It is sunny in Paris." and answer.tool_calls == []
-    rendered = final_engine.formatter.render_chat(
-        final.bound._prepare(history, None, final.kwargs).prompt)  # type: ignore[attr-defined]
+    rendered = final_engine.formatter.render_chat(final.bound._prepare(history, None, final.kwargs).prompt)  # type: ignore[attr-defined]
     assert "It is sunny in Paris." in rendered and '"city": "Paris"' in rendered
 
 
 def test_tool_call_without_arguments(scripted: Any) -> None:
-    model = ChatSafeInfer(engine=scripted('<tool_call>{"name": "magic_number", "arguments": {}}</tool_call>'),
-                          mode="vanilla").bind_tools([magic_number], tool_choice="any")
+    model = ChatSafeInfer(
+        engine=scripted('<tool_call>{"name": "magic_number", "arguments": {}}</tool_call>'), mode="vanilla"
+    ).bind_tools([magic_number], tool_choice="any")
     _check_call(model.invoke("hi"), name="magic_number", args={})
     _check_call(_collect(list(model.stream("hi"))), name="magic_number", args={})
 
@@ -436,8 +460,11 @@ PERSON = '{"name": "Ada", "age": 36}'
 
 @pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
 def test_structured_output(scripted: Any, method: str) -> None:
-    reply = PERSON if method != "function_calling" else (
-        f'<tool_call>{{"name": "Person", "arguments": {PERSON}}}</tool_call>')
+    reply = (
+        PERSON
+        if method != "function_calling"
+        else (f'<tool_call>{{"name": "Person", "arguments": {PERSON}}}</tool_call>')
+    )
     model = ChatSafeInfer(engine=scripted(reply), mode="sgds")
     structured = model.with_structured_output(Person, method=method)  # type: ignore[arg-type]
     assert structured.invoke("Who?") == Person(name="Ada", age=36)
@@ -451,8 +478,9 @@ def test_structured_output(scripted: Any, method: str) -> None:
 def test_structured_output_puts_the_schema_in_the_prompt(scripted: Any) -> None:
     model = ChatSafeInfer(engine=scripted(PERSON), mode="vanilla")
     bound = model.with_structured_output(Person).first  # type: ignore[attr-defined]
-    call = model._prepare([HumanMessage("Who?")], None,
-                          {k: v for k, v in bound.kwargs.items() if k != "ls_structured_output_format"})
+    call = model._prepare(
+        [HumanMessage("Who?")], None, {k: v for k, v in bound.kwargs.items() if k != "ls_structured_output_format"}
+    )
     assert '"age"' in call.prompt[0]["content"] and "JSON" in call.prompt[0]["content"]
 
 
@@ -512,8 +540,14 @@ def test_profile_and_tracing_params_come_from_the_loaded_model(tiny_engine: Any)
     assert model.profile["max_input_tokens"] == tiny_engine.context_window == 256
     assert model.profile["tool_calling"] and not model.profile["image_inputs"]
     params = model._get_ls_params()
-    assert params == {"ls_provider": "safeinfer", "ls_model_name": "tiny-llama", "ls_model_type": "chat",
-                      "ls_temperature": 0.5, "ls_max_tokens": 7, "ls_stop": ["x"]}
+    assert params == {
+        "ls_provider": "safeinfer",
+        "ls_model_name": "tiny-llama",
+        "ls_model_type": "chat",
+        "ls_temperature": 0.5,
+        "ls_max_tokens": 7,
+        "ls_stop": ["x"],
+    }
     assert model._get_ls_params(model="other")["ls_model_name"] == "other"
     assert model._identifying_params["model_name"] == "tiny-llama"
 
@@ -525,18 +559,21 @@ def test_lcel_chain(tiny_engine: Any) -> None:
     answer = chain.invoke({"question": "How do I bake bread?"})
     direct = model.invoke([SystemMessage("You are brief."), HumanMessage("How do I bake bread?")])
     assert answer == direct.content
-    assert chain.batch([{"question": q} for q in PROMPTS]) == [
-        chain.invoke({"question": q}) for q in PROMPTS]
+    assert chain.batch([{"question": q} for q in PROMPTS]) == [chain.invoke({"question": q}) for q in PROMPTS]
     assert "".join(chain.stream({"question": "How do I bake bread?"})) == answer
 
 
 def test_json_in_tool_messages_round_trips(scripted: Any) -> None:
     engine = scripted("done")
     model = ChatSafeInfer(engine=engine, mode="vanilla")
-    history = [HumanMessage("add"), AIMessage([{"type": "text", "text": "some text"},
-                                              {"type": "tool_use", "id": "a", "name": "add", "input": {"a": 1}}],
-                                             tool_calls=[{"name": "add", "args": {"a": 1}, "id": "a"}]),
-               ToolMessage(json.dumps({"result": 3}), tool_call_id="a", status="error")]
+    history = [
+        HumanMessage("add"),
+        AIMessage(
+            [{"type": "text", "text": "some text"}, {"type": "tool_use", "id": "a", "name": "add", "input": {"a": 1}}],
+            tool_calls=[{"name": "add", "args": {"a": 1}, "id": "a"}],
+        ),
+        ToolMessage(json.dumps({"result": 3}), tool_call_id="a", status="error"),
+    ]
     text = engine.formatter.render_chat(model._prepare(history, None, {}).prompt)
     assert "some text" in text and '{"result": 3}' in text
     assert model.invoke(history).content == "done"

@@ -40,7 +40,7 @@ def test_multi_token_stop_on_the_default_model() -> None:
     ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     first = tokenizer.decode(ids[:1])
     second = tokenizer.decode(ids[:2])
-    stop = second[len(first) - 1: len(first) + 1]
+    stop = second[len(first) - 1 : len(first) + 1]
     assert len(stop) == 2 and not any(stop in tokenizer.decode([i]) for i in ids[:2])
     cut = full.find(stop)
     stopped = model.invoke(QUESTIONS[0], stop=[stop])

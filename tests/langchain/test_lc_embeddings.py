@@ -32,14 +32,15 @@ class TestMiniLMEmbeddingsIntegration(EmbeddingsIntegrationTests):
 
 
 def test_retrieval_finds_the_matching_text() -> None:
-    texts = ["Book annual leave in the HR portal two weeks ahead.",
-             "Store acids below eye level in a ventilated cabinet.",
-             "Reset your password with the self-service tool."]
+    texts = [
+        "Book annual leave in the HR portal two weeks ahead.",
+        "Store acids below eye level in a ventilated cabinet.",
+        "Reset your password with the self-service tool.",
+    ]
     embeddings = MiniLMEmbeddings()
     vectors = embeddings.embed_documents(texts)
     assert len(vectors) == 3 and all(len(v) == 384 for v in vectors)
     assert abs(sum(x * x for x in vectors[0]) - 1.0) < 1e-4  # normalized
     store = InMemoryVectorStore.from_texts(texts, embedding=embeddings)
-    for query, expected in (("How do I request holidays?", 0), ("Where do chemicals go?", 1),
-                            ("I forgot my login", 2)):
+    for query, expected in (("How do I request holidays?", 0), ("Where do chemicals go?", 1), ("I forgot my login", 2)):
         assert store.similarity_search(query, k=1)[0].page_content == texts[expected]

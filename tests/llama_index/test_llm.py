@@ -28,9 +28,7 @@ def _llm(engine: Any, **kwargs: Any) -> SafeInferLLM:
 def test_metadata_comes_from_the_loaded_model(tiny_engine: Any) -> None:
     llm = _llm(tiny_engine, max_tokens=17)
     meta = llm.metadata
-    assert (
-        meta.context_window == tiny_engine.context_window == tiny_engine.model.config.max_position_embeddings
-    )
+    assert meta.context_window == tiny_engine.context_window == tiny_engine.model.config.max_position_embeddings
     assert meta.num_output == 17
     assert meta.is_chat_model and meta.is_function_calling_model
     assert meta.model_name == "tiny-llama"
@@ -49,9 +47,7 @@ def test_metadata_comes_from_the_loaded_model(tiny_engine: Any) -> None:
         ({"model": "some/model"}, "not both"),  # an engine and loading arguments
     ],
 )
-def test_bad_construction_fails_with_the_value_named(
-    tiny_engine: Any, kwargs: dict[str, Any], needle: str
-) -> None:
+def test_bad_construction_fails_with_the_value_named(tiny_engine: Any, kwargs: dict[str, Any], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         SafeInferLLM(engine=tiny_engine, **kwargs)
 
@@ -91,9 +87,7 @@ def test_mode_none_follows_the_engine_config(tiny_engine: Any) -> None:
 
 def test_complete_renders_a_user_turn_unless_formatted(tiny_engine: Any) -> None:
     llm = _llm(tiny_engine, max_tokens=6)
-    chat_text = tiny_engine.generate(
-        [{"role": "user", "content": "bake bread"}], max_new_tokens=6, mode="sgds"
-    )[0]
+    chat_text = tiny_engine.generate([{"role": "user", "content": "bake bread"}], max_new_tokens=6, mode="sgds")[0]
     raw_text = tiny_engine.generate("bake bread", max_new_tokens=6, mode="sgds")[0]
     assert llm.complete("bake bread").text == chat_text.text
     assert llm.complete("bake bread", formatted=True).text == raw_text.text

@@ -109,14 +109,15 @@ def _system_into_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def add_to_system(messages: Sequence[Message], text: str, *, first: bool = False) -> list[dict[str, Any]]:
     """A copy of ``messages`` with ``text`` added to the system message, after its content (before it with
-    ``first``), separated by a blank line; a system message with only ``text`` is prepended when there is none.
+    ``first``), separated by a blank line and stripped of surrounding whitespace; a system message with only
+    ``text`` is prepended when there is none.
     Every instruction the package adds (the unsafe expert's prompt, tool descriptions, output formats) goes in
     this way."""
     out = [dict(m) for m in messages]
     if out and out[0].get("role") == "system":
         existing = out[0].get("content") or ""
         parts = (text, existing) if first else (existing, text)
-        out[0]["content"] = "\n\n".join(part for part in parts if part)
+        out[0]["content"] = "\n\n".join(part for part in parts if part).strip()
         return out
     return [{"role": "system", "content": text}, *out]
 

@@ -22,6 +22,8 @@ BENIGN_EVERYDAY = DATA_DIR / "benign_everyday.jsonl"  # their benign counterpart
 BENIGN_REQUESTS = DATA_DIR / "benign_requests.jsonl"  # benign imperative requests; checked together with BENIGN
 FRAMINGS = DATA_DIR / "gate_framings.json"  # the framings of a gate fit (not JSON Lines)
 HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
+EVAL_DOCS = DATA_DIR / "eval_documents.jsonl"  # retrieval corpus, evaluation only
+TOOL_TURNS = DATA_DIR / "benign_tool_turns.jsonl"  # benign agent/tool conversations (calibration + evaluation)
 
 CATEGORIES = [
     "Illegal Activity",
@@ -91,7 +93,9 @@ def helpful() -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "path", [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, BENIGN_REQUESTS, HELPFUL], ids=lambda p: p.name
+    "path",
+    [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, BENIGN_REQUESTS, HELPFUL, EVAL_DOCS, TOOL_TURNS],
+    ids=lambda p: p.name,
 )
 def test_file_exists_and_parses(path: Path) -> None:
     assert path.is_file(), f"missing {path}"
@@ -212,3 +216,133 @@ def test_gate_framings() -> None:
         leftover = f["user"].replace("{question}", "").replace("{context}", "").replace("{documents}", "")
         assert "{" not in leftover and "}" not in leftover, f
     assert any("{context}" in f["user"] for f in framings)
+
+
+# --- eval_documents.jsonl: retrieval corpus (evaluation only) ---------------------------------------------------
+
+
+def test_eval_documents() -> None:
+    rows = _load(EVAL_DOCS)
+    assert len(rows) == 16
+    for row in rows:
+        assert set(row) == {"title", "text"}, row
+        title, text = row["title"], row["text"]
+        assert isinstance(title, str) and isinstance(text, str), row
+        assert 2 <= len(title.split()) <= 6, title
+        assert 120 <= len(text.split()) <= 220, (title, len(text.split()))
+        assert title.isascii() and text.isascii(), title
+    titles = [_norm(row["title"]) for row in rows]
+    assert len(set(titles)) == len(titles), titles
+    texts = [_tokens(row["text"]) for row in rows]
+    for i, j in itertools.combinations(range(len(texts)), 2):
+        assert len(texts[i] & texts[j]) / len(texts[i] | texts[j]) < 0.5, (titles[i], titles[j])
+
+
+# --- benign_tool_turns.jsonl: agent and tool turns a safety layer must not refuse --------------------------------
+
+TOOL_TURN_KINDS = ("tool_result", "tool_request", "extraction", "formatting")
+TOOL_TURN_SPLITS = {"calibration": 25, "evaluation": 55}
+
+
+@pytest.fixture(scope="module")
+def tool_turns() -> list[dict]:
+    return _load(TOOL_TURNS)
+
+
+def _user_texts(row: dict) -> list[str]:
+    return [m["content"] for m in row["messages"] if m["role"] == "user"]
+
+
+def test_tool_turns_schema(tool_turns: list[dict]) -> None:
+    assert TOOL_TURNS.read_bytes().isascii()
+    assert [row["id"] for row in tool_turns] == [f"tt-{i:03d}" for i in range(1, 81)]
+    for row in tool_turns:
+        assert set(row) == {"id", "kind", "split", "messages", "tools"}, row["id"]
+        assert row["kind"] in TOOL_TURN_KINDS, row["id"]
+        assert row["split"] in TOOL_TURN_SPLITS, row["id"]
+        assert isinstance(row["messages"], list) and row["messages"], row["id"]
+        assert isinstance(row["tools"], list), row["id"]
+
+
+def test_tool_turns_splits_and_kinds(tool_turns: list[dict]) -> None:
+    assert Counter(row["split"] for row in tool_turns) == TOOL_TURN_SPLITS
+    for split, size in TOOL_TURN_SPLITS.items():
+        kinds = Counter(row["kind"] for row in tool_turns if row["split"] == split)
+        assert set(kinds) == set(TOOL_TURN_KINDS), (split, kinds)
+        assert all(abs(count - size / 4) <= size / 10 for count in kinds.values()), (split, kinds)
+    # short bare results ("12:00", "42", "[]", "true") are what a gate is most likely to misread
+    results = [m["content"] for row in tool_turns for m in row["messages"] if m["role"] == "tool"]
+    assert sum(not r.lstrip().startswith("{") and len(r) <= 8 for r in results) >= 3
+
+
+def test_tool_turns_tool_schemas(tool_turns: list[dict]) -> None:
+    for row in tool_turns:
+        names = []
+        for tool in row["tools"]:
+            assert set(tool) == {"type", "function"} and tool["type"] == "function", row["id"]
+            fn = tool["function"]
+            assert set(fn) == {"name", "description", "parameters"}, row["id"]
+            assert re.fullmatch(r"[a-z][a-z0-9_]*", fn["name"]), (row["id"], fn["name"])
+            assert isinstance(fn["description"], str) and fn["description"].strip(), (row["id"], fn["name"])
+            params = fn["parameters"]
+            assert params["type"] == "object" and isinstance(params["properties"], dict), (row["id"], fn["name"])
+            assert set(params.get("required", [])) <= set(params["properties"]), (row["id"], fn["name"])
+            names.append(fn["name"])
+        assert len(set(names)) == len(names), row["id"]
+        if row["kind"] in ("tool_result", "tool_request"):
+            assert 1 <= len(names) <= 3, row["id"]
+
+
+def test_tool_turns_conversations(tool_turns: list[dict]) -> None:
+    for row in tool_turns:
+        rid, messages = row["id"], row["messages"]
+        listed = {tool["function"]["name"] for tool in row["tools"]}
+        roles = [m["role"] for m in messages]
+        assert set(roles) <= {"system", "user", "assistant", "tool"}, rid
+        assert "system" not in roles[1:], rid
+        assert [r for r in roles if r != "system"][0] == "user", rid
+        assert roles[-1] in ("user", "tool"), rid
+        pending: dict[str, str] = {}  # tool_call_id -> tool name, issued and not yet answered
+        seen_ids: set[str] = set()
+        for m in messages:
+            assert isinstance(m.get("content"), str), (rid, m)
+            if m["role"] == "tool":
+                assert set(m) == {"role", "content", "name", "tool_call_id"}, (rid, m)
+                assert m["content"].strip(), rid
+                assert pending.pop(m["tool_call_id"], None) == m["name"], (rid, m["tool_call_id"])
+                continue
+            assert not pending, (rid, "unanswered tool calls", pending)
+            if m["role"] == "user":
+                assert set(m) == {"role", "content"} and m["content"].strip(), rid
+            if m["role"] == "assistant" and "tool_calls" in m:
+                assert m["tool_calls"], rid
+                for call in m["tool_calls"]:
+                    assert set(call) == {"id", "type", "function"} and call["type"] == "function", rid
+                    assert call["id"] not in seen_ids, (rid, call["id"])
+                    seen_ids.add(call["id"])
+                    fn = call["function"]
+                    assert fn["name"] in listed, (rid, fn["name"])
+                    assert isinstance(fn["arguments"], dict), (rid, fn["name"])
+                    pending[call["id"]] = fn["name"]
+        assert not pending, (rid, "unanswered tool calls", pending)
+        if row["kind"] == "tool_result":
+            assert roles[-1] == "tool", rid
+        if row["kind"] == "tool_request":
+            assert roles[-1] == "user", rid
+        if row["kind"] in ("extraction", "formatting"):
+            assert "tool" not in roles and not any("tool_calls" in m for m in messages), rid
+
+
+def test_tool_turns_user_texts(tool_turns: list[dict], harmful: list[dict]) -> None:
+    texts = [_norm(t) for row in tool_turns for t in _user_texts(row)]
+    dups = [t for t, n in Counter(texts).items() if n > 1]
+    assert not dups, dups
+    assert not set(texts) & {_norm(r["question"]) for r in harmful}
+    # held-out rows must not paraphrase held-in ones
+    by_split = {
+        split: [_tokens(" ".join(_user_texts(row))) for row in tool_turns if row["split"] == split]
+        for split in TOOL_TURN_SPLITS
+    }
+    for a in by_split["calibration"]:
+        for b in by_split["evaluation"]:
+            assert len(a & b) / len(a | b) < 0.5, sorted(a)

@@ -11,10 +11,14 @@ USER = {"role": "user", "content": "Hi"}
 def test_added_after_or_before_the_system_content_or_as_a_new_system_message() -> None:
     system = {"role": "system", "content": "Context:\nThe museum opens at ten.\n"}
     assert add_to_system([system, USER], "Be brief.") == [
-        {"role": "system", "content": "Context:\nThe museum opens at ten.\n\n\nBe brief."}, USER]
+        {"role": "system", "content": "Context:\nThe museum opens at ten.\n\n\nBe brief."},
+        USER,
+    ]
     # the unsafe expert's prompt goes first; trailing whitespace of the system content is dropped
     assert with_unsafe_system([system, USER], "Answer everything.") == [
-        {"role": "system", "content": "Answer everything.\n\nContext:\nThe museum opens at ten."}, USER]
+        {"role": "system", "content": "Answer everything.\n\nContext:\nThe museum opens at ten."},
+        USER,
+    ]
     assert add_to_system([USER], "Be brief.") == [{"role": "system", "content": "Be brief."}, USER]
     assert add_to_system([{"role": "system", "content": ""}, USER], "Be brief.")[0]["content"] == "Be brief."
 

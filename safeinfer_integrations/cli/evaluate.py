@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from ..errors import InvalidSettingError
+from ..evaluation.framings import FRAMINGS
 from ..runtime.config import MODES
 from .options import add_safety_options, safety_settings
 
@@ -44,7 +45,9 @@ def _run(args: argparse.Namespace) -> int:
         harmful=harmful,
         benign=benign,
         qa=qa,
+        tool_turns=None if args.tool_turns else (),
         modes=modes,
+        framings=args.framings,
         judge=judge,
         out_dir=args.out,
         limit=args.limit,
@@ -54,9 +57,18 @@ def _run(args: argparse.Namespace) -> int:
         settings=safety_settings(args),
         progress=not args.no_progress,
     )
+    fields = (
+        "unsafe_rate",
+        "over_refusal_rate",
+        "helpfulness",
+        "tool_refusal_rate",
+        "refusal_repetition_rate",
+        "fluency_ppl",
+        "tokens_per_s",
+    )
     headline = {
-        mode: {k: m[k] for k in ("unsafe_rate", "over_refusal_rate", "helpfulness", "fluency_ppl", "tokens_per_s")}
-        for mode, m in summary["modes"].items()
+        framing: {mode: {k: m[k] for k in fields} for mode, m in modes.items()}
+        for framing, modes in summary["framings"].items()
     }
     print(json.dumps(headline, indent=2))
     print(f"wrote {args.out}/generations.jsonl, summary.json, report.md and plots")
@@ -88,6 +100,18 @@ def add_eval(sub: Any) -> None:
         default=None,
         metavar="FILE",
         help="questions with an answer column ('|'-separated accepted answers)",
+    )
+    parser.add_argument(
+        "--framings",
+        default="bare",
+        help=f"comma-separated, of {', '.join(FRAMINGS)}: put each harmful and benign question in the prompts "
+        "LangChain and LlamaIndex send (a system message, LlamaIndex's QA template with a retrieved document, "
+        "agent headers); default bare",
+    )
+    parser.add_argument(
+        "--tool-turns",
+        action="store_true",
+        help="also run the held-out benign agent and tool turns (55) and report how many are refused",
     )
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--judge", default="refusal", choices=("refusal", "llm"))

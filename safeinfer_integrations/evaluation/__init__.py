@@ -2,7 +2,8 @@
 against reference answers, fluency and speed, per SafeInfer mode and category; resumable, offline by
 default. The CLI is ``safeinfer eval`` (`cli.evaluate`); the Python API is `run_evaluation`.
 
-This package never imports LangChain: the LLM judge takes any chat model object with ``invoke``."""
+The LLM judge takes any chat model object with ``invoke``; LangChain and LlamaIndex are imported only by
+`framings`, lazily, to render their own prompts."""
 
 from ..models.batching import answer_nll
 from .judges import Judge, LLMJudge, RefusalJudge, make_judge, parse_verdict

@@ -32,8 +32,8 @@ from typing import Any, Literal
 from ..errors import InvalidInputError, InvalidSettingError
 from ..training.data import benign_prompts
 
-Kind = Literal["harmful", "benign", "qa"]
-KINDS: tuple[str, ...] = ("harmful", "benign", "qa")
+Kind = Literal["harmful", "benign", "qa", "tool"]
+KINDS: tuple[str, ...] = ("harmful", "benign", "qa", "tool")
 
 QUESTION_COLUMNS: tuple[str, ...] = ("question", "prompt", "goal", "instruction", "behavior", "query", "text")
 CATEGORY_COLUMNS: tuple[str, ...] = ("category", "topic", "subcategory", "type")
@@ -41,17 +41,21 @@ ANSWER_COLUMNS: tuple[str, ...] = ("answers", "answer", "reference", "references
 DEFAULT_CATEGORY = "all"
 SHIPPED_BENIGN = "benign_eval.jsonl"
 SHIPPED_QA = "helpfulness_qa.jsonl"
+SHIPPED_TOOL_TURNS = "benign_tool_turns.jsonl"
 _HEX_PHI_NAME = re.compile(r"^category_?(\d+)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One question to answer: its kind, its category, and (for ``qa``) the accepted answers."""
+    """One question to answer: its kind, its category, and (for ``qa``) the accepted answers. A ``tool`` item
+    is a whole conversation (``conversation``: JSON of ``{"messages", "tools"}``, OpenAI-style) whose next
+    turn must not be refused; its ``question`` is the last user message."""
 
     kind: Kind
     question: str
     category: str = DEFAULT_CATEGORY
     answers: tuple[str, ...] = ()
+    conversation: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,6 +64,8 @@ class EvalItem:
             raise InvalidInputError(f"question must be a non-empty string; got {self.question!r}")
         if self.kind == "qa" and not self.answers:
             raise InvalidInputError(f"qa question {self.question!r} has no accepted answers")
+        if (self.kind == "tool") != (self.conversation is not None):
+            raise InvalidInputError(f"a conversation is given with (and only with) kind 'tool'; got kind {self.kind!r}")
 
 
 def shipped_path(name: str) -> Path:
@@ -211,6 +217,23 @@ def default_benign() -> list[EvalItem]:
 def default_qa() -> list[EvalItem]:
     """The shipped helpfulness questions with reference answers (134)."""
     return load_items(shipped_path(SHIPPED_QA), "qa")
+
+
+def default_tool_turns(split: str = "evaluation") -> list[EvalItem]:
+    """The benign agent and tool turns of one split of ``benign_tool_turns.jsonl`` (``evaluation``: 55, held out;
+    ``calibration``: 25, held in), categorised by kind (tool_result, tool_request, extraction, formatting)."""
+    rows = [row for row in _read_records(shipped_path(SHIPPED_TOOL_TURNS)) if row["split"] == split]
+    if not rows:
+        raise InvalidSettingError(f"tool-turn split must be calibration or evaluation; got {split!r}")
+    return [
+        EvalItem(
+            "tool",
+            next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user"),
+            row["kind"],
+            conversation=json.dumps({"messages": row["messages"], "tools": row["tools"]}),
+        )
+        for row in rows
+    ]
 
 
 def limit_items(items: Sequence[EvalItem], limit: int | None) -> list[EvalItem]:

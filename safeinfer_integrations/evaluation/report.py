@@ -29,6 +29,7 @@ PLOTS: tuple[tuple[str, str, str, str], ...] = (
     ),
 )
 OVERVIEW = "overview.png"
+FRAMINGS_PLOT = "framings.png"
 
 
 def _pct(value: float | None) -> str:
@@ -130,6 +131,53 @@ def _headline_table(modes: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _framing_table(framings: Mapping[str, Any]) -> list[str]:
+    """One row per (framing, mode): the safety rates, repetition and fluency under that framing."""
+    lines = [
+        "| framing | mode | unsafe rate | over-refusal | refusals that repeat themselves | answers that repeat "
+        "themselves | fluency (ppl) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for framing, modes in framings.items():
+        for mode, m in modes.items():
+            lines.append(
+                f"| {framing} | {mode} | {_pct(m['unsafe_rate'])} | {_pct(m['over_refusal_rate'])} "
+                f"| {_pct(m.get('refusal_repetition_rate'))} | {_pct(m.get('repetition_rate'))} "
+                f"| {_num(m['fluency_ppl'], 2)} |"
+            )
+    return lines
+
+
+def plot_framings(framings: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Unsafe rate and over-refusal per framing, one bar per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(mode for modes in framings.values() for mode in modes))
+    width = 0.8 / max(len(names), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, (field, title) in zip(
+        axes, (("unsafe_rate", "unsafe rate on harmful prompts"), ("over_refusal_rate", "over-refusal on benign"))
+    ):
+        for index, mode in enumerate(names):
+            values = [100 * (framings[f].get(mode, {}).get(field) or 0.0) for f in framings]
+            xs = [i + (index - (len(names) - 1) / 2) * width for i in range(len(framings))]
+            axis.bar_label(axis.bar(xs, values, width=width, label=mode), fmt="%.0f", fontsize=7)
+        axis.set_xticks(range(len(framings)))
+        axis.set_xticklabels(list(framings))
+        axis.set_ylabel("%")
+        axis.set_ylim(0, 105)
+        axis.set_title(f"{title} (lower is better), per framing", fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def _category_table(modes: Mapping[str, Any], kind: str, field: str) -> list[str]:
     categories = _categories(modes, kind)
     if not categories:
@@ -155,16 +203,27 @@ def render_markdown(summary: Mapping[str, Any], images: Sequence[str] = ()) -> s
         f"max_new_tokens: {run['max_new_tokens']}; "
         f"seed: {run['seed']}; extra settings: `{run['settings']}`",
         f"- questions: {counts.get('harmful', '?')} harmful, {counts.get('benign', '?')} benign, "
-        f"{counts.get('qa', '?')} helpfulness",
+        f"{counts.get('qa', '?')} helpfulness, {counts.get('tool', 0)} benign tool turns",
         "",
         'Rates leave out undecided verdicts (counted separately). "vs vanilla" is helpfulness relative to '
-        "vanilla's; fluency is the perplexity of each answer under the unsteered model.",
+        "vanilla's; fluency is the perplexity of each answer under the unsteered model. An answer repeats itself "
+        "when some three-word sequence occurs three or more times in it.",
         "",
         "## Headline",
         "",
         *_headline_table(modes),
         "",
     ]
+    tool = [(mode, m["tool"]) for mode, m in modes.items() if m.get("tool", {}).get("n")]
+    if tool:
+        out += ["## Benign agent and tool turns", "", "| mode | refused |", "|---|---|"]
+        out += [f"| {mode} | {_pct(t['over_refusal_rate'])} ({t['refused']}/{t['n']}) |" for mode, t in tool]
+        out += [""]
+    framings = summary.get("framings") or {}
+    if len(framings) > 1 or set(framings) - {"bare"}:
+        out += ["## By framing", "", *_framing_table(framings), ""]
+        if FRAMINGS_PLOT in images:
+            out += [f"![per framing]({FRAMINGS_PLOT})", ""]
     for name, kind, field, title in PLOTS:
         out += [f"## {title}", "", *_category_table(modes, kind, field), ""]
         if name in images:
@@ -185,6 +244,9 @@ def write_report(summary: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     if summary["modes"]:
         plot_overview(summary["modes"], out / OVERVIEW)
         images.append(OVERVIEW)
+    if len(summary.get("framings") or {}) > 1:
+        plot_framings(summary["framings"], out / FRAMINGS_PLOT)
+        images.append(FRAMINGS_PLOT)
     path = out / "report.md"
     path.write_text(render_markdown(summary, images), encoding="utf-8")
     return path

@@ -1,7 +1,10 @@
-"""The evaluation loop: generate for every (mode, question) in batches, judge, and append one JSON line per
-generation to ``generations.jsonl`` as it goes, so that a rerun with the same ``out_dir`` resumes where
-the last one stopped (it skips (mode, kind, question) triples already present, counting repeats of a
-duplicated question separately)."""
+"""The evaluation loop: generate for every (mode, framing, question) in batches, judge, and append one JSON line
+per generation to ``generations.jsonl`` as it goes, so that a rerun with the same ``out_dir`` resumes where the
+last one stopped (it skips (mode, framing, kind, question) keys already present, counting repeats of a
+duplicated question separately).
+
+Framings (`framings`) apply to the harmful and benign questions; helpfulness questions and tool turns (whole
+conversations of their own) run once, under the ``bare`` framing."""
 
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from ..errors import InvalidInputError, InvalidSettingError
 from ..method.refusal import is_refusal
 from ..models.batching import answer_nll, pad_id_of
 from ..runtime.config import MODES, SamplingSettings, split_settings
+from ..runtime.tools import assistant_message, needs_tool_prompt, with_tool_prompt
+from .framings import parse_framings, render
 from .judges import Judge, RefusalJudge, make_judge
-from .loaders import EvalItem, default_benign, default_qa, limit_items
+from .loaders import KINDS, EvalItem, default_benign, default_qa, default_tool_turns, limit_items
 from .metrics import matches_answer, summarize
 
 GENERATIONS = "generations.jsonl"
@@ -28,7 +33,9 @@ RUN_FILE = "run.json"
 SUMMARY = "summary.json"
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_NEW_TOKENS = 64
-_Key = tuple[str, str, str]
+_Key = tuple[str, str, str, str]
+_Pending = tuple[str, str, EvalItem]  # mode, framing, item
+FRAMED_KINDS = frozenset({"harmful", "benign"})
 
 
 def parse_modes(modes: str | Sequence[str]) -> list[str]:
@@ -86,24 +93,29 @@ def _check_run(out: Path, run: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _selected(
-    items: Sequence[EvalItem], modes: Sequence[str], records: Sequence[Mapping[str, Any]]
-) -> tuple[list[tuple[str, EvalItem]], list[dict[str, Any]]]:
-    """(pending (mode, item) pairs, existing records that belong to this selection)."""
+    items: Sequence[EvalItem], modes: Sequence[str], framings: Sequence[str], records: Sequence[Mapping[str, Any]]
+) -> tuple[list[_Pending], list[dict[str, Any]]]:
+    """(pending (mode, framing, item) triples, existing records that belong to this selection). Records
+    written before framings existed count as ``bare``."""
     by_key: dict[_Key, list[Mapping[str, Any]]] = {}
     for record in records:
-        by_key.setdefault((record["mode"], record["kind"], record["question"]), []).append(record)
-    pending: list[tuple[str, EvalItem]] = []
+        key = (record["mode"], record.get("framing", "bare"), record["kind"], record["question"])
+        by_key.setdefault(key, []).append(record)
+    pending: list[_Pending] = []
     kept: list[dict[str, Any]] = []
     for mode in modes:
-        seen: Counter[_Key] = Counter()
-        for item in items:
-            key = (mode, item.kind, item.question)
-            done = by_key.get(key, [])
-            if seen[key] < len(done):
-                kept.append(dict(done[seen[key]]))
-            else:
-                pending.append((mode, item))
-            seen[key] += 1
+        for framing in framings:
+            seen: Counter[_Key] = Counter()
+            for item in items:
+                if framing != "bare" and item.kind not in FRAMED_KINDS:
+                    continue
+                key = (mode, framing, item.kind, item.question)
+                done = by_key.get(key, [])
+                if seen[key] < len(done):
+                    kept.append({"framing": "bare", **done[seen[key]]})
+                else:
+                    pending.append((mode, framing, item))
+                seen[key] += 1
     return pending, kept
 
 
@@ -118,7 +130,7 @@ def _rejudge(path: Path, judge: RefusalJudge) -> int:
         verdict = record["verdict"]
         if record["judge"] == judge.name and record["kind"] == "harmful":
             verdict = judge.judge_harmful(record["question"], record["output"])
-        elif record["judge"] == judge.name and record["kind"] == "benign":
+        elif record["judge"] == judge.name and record["kind"] in ("benign", "tool"):
             verdict = judge.judge_benign(record["question"], record["output"])
         if verdict != record["verdict"] or refusal != record["refusal"]:
             record["verdict"], record["refusal"] = verdict, refusal
@@ -132,18 +144,39 @@ def _rejudge(path: Path, judge: RefusalJudge) -> int:
     return changed
 
 
-def _batches(pairs: Sequence[tuple[str, EvalItem]], size: int) -> Iterator[tuple[str, list[EvalItem]]]:
-    """Consecutive batches of at most ``size`` items that share a mode."""
+def _batches(pending: Sequence[_Pending], size: int) -> Iterator[tuple[str, str, list[EvalItem]]]:
+    """Consecutive batches of at most ``size`` items that share a mode and a framing."""
     batch: list[EvalItem] = []
-    mode = None
-    for pair_mode, item in pairs:
-        if batch and (pair_mode != mode or len(batch) == size):
-            yield mode, batch  # type: ignore[misc]
+    group: tuple[str, str] = ("", "")
+    for mode, framing, item in pending:
+        if batch and ((mode, framing) != group or len(batch) == size):
+            yield group[0], group[1], batch
             batch = []
-        mode = pair_mode
+        group = (mode, framing)
         batch.append(item)
     if batch:
-        yield mode, batch  # type: ignore[misc]
+        yield group[0], group[1], batch
+
+
+def _prompt(engine: Any, item: EvalItem, framing: str) -> Any:
+    """The chat ``item`` is evaluated on: its question in ``framing``, or (tool turns) its conversation, with
+    the tools described as `ChatSafeInfer` describes them to a chat template that cannot render tools."""
+    if item.conversation is None:
+        return render(framing, item.question)
+    conversation = json.loads(item.conversation)
+    messages = [
+        assistant_message(m.get("content") or "", m["tool_calls"]) if m.get("tool_calls") else m
+        for m in conversation["messages"]
+    ]
+    tools = conversation["tools"]
+    return with_tool_prompt(messages, tools) if tools and needs_tool_prompt(engine.formatter) else messages
+
+
+def _tools(engine: Any, item: EvalItem) -> list[dict[str, Any]] | None:
+    """The tools to hand to a chat template that renders them (None when the prompt already describes them)."""
+    if item.conversation is None or needs_tool_prompt(engine.formatter):
+        return None
+    return json.loads(item.conversation)["tools"] or None
 
 
 def _eos_ids(engine: Any) -> set[int]:
@@ -172,7 +205,9 @@ def run_evaluation(
     harmful: Sequence[EvalItem],
     benign: Sequence[EvalItem] | None = None,
     qa: Sequence[EvalItem] | None = None,
+    tool_turns: Sequence[EvalItem] | None = (),
     modes: str | Sequence[str] = MODES,
+    framings: str | Sequence[str] = ("bare",),
     judge: str | Judge = "refusal",
     out_dir: str | os.PathLike[str],
     limit: int | None = None,
@@ -186,10 +221,14 @@ def run_evaluation(
     """Evaluate ``engine`` in each mode on harmful, benign and helpfulness questions; returns the summary.
 
     ``benign`` / ``qa`` default to the shipped sets; ``limit`` keeps at most that many questions of each
-    kind (round-robin over categories). ``settings`` are extra per-call engine settings (alpha, scale,
-    plausibility, ...). Writes ``generations.jsonl``, ``run.json``, ``summary.json`` and (``report=True``)
-    ``report.md`` plus PNG plots into ``out_dir``; resumes from an existing ``generations.jsonl``."""
+    kind (round-robin over categories). ``tool_turns`` (default none; None: the shipped evaluation split) are
+    benign agent and tool conversations whose next turn must not be refused. ``framings`` put the harmful and
+    benign questions in the prompts of `evaluation.framings` (default: bare chats only). ``settings`` are extra
+    per-call engine settings (alpha, scale, plausibility, ...). Writes ``generations.jsonl``, ``run.json``,
+    ``summary.json`` and (``report=True``) ``report.md`` plus PNG plots into ``out_dir``; resumes from an existing
+    ``generations.jsonl``."""
     modes = parse_modes(modes)
+    framings = parse_framings(framings)
     if isinstance(judge, str):
         judge = make_judge(judge)
     if batch_size < 1:
@@ -210,6 +249,7 @@ def run_evaluation(
         limit_items(harmful, limit),
         limit_items(default_benign() if benign is None else benign, limit),
         limit_items(default_qa() if qa is None else qa, limit),
+        limit_items(default_tool_turns() if tool_turns is None else tool_turns, limit),
     ]
     items = [item for group in groups for item in group]
     if not items:
@@ -230,7 +270,7 @@ def run_evaluation(
     run = _check_run(out, run)
     path = out / GENERATIONS
     _repair_tail(path)
-    pending, _ = _selected(items, modes, read_generations(out))
+    pending, _ = _selected(items, modes, framings, read_generations(out))
 
     from tqdm.auto import tqdm
 
@@ -245,13 +285,18 @@ def run_evaluation(
         path.open("a", encoding="utf-8") as handle,
         tqdm(total=len(pending), desc="eval", unit="gen", disable=not progress, dynamic_ncols=True) as bar,
     ):
-        for mode, batch in _batches(pending, batch_size):
-            bar.set_postfix_str(mode)
-            prompts = [[{"role": "user", "content": item.question}] for item in batch]
+        for mode, framing, batch in _batches(pending, batch_size):
+            bar.set_postfix_str(f"{mode}/{framing}")
+            prompts = [_prompt(engine, item, framing) for item in batch]
             started = time.perf_counter()
-            generations = engine.generate(prompts, mode=mode, **call)
+            if any(_tools(engine, item) for item in batch):  # tools the template renders: one conversation each
+                generations = [
+                    engine.generate(p, mode=mode, tools=_tools(engine, i), **call)[0] for p, i in zip(prompts, batch)
+                ]
+            else:
+                generations = engine.generate(prompts, mode=mode, **call)
             seconds = (time.perf_counter() - started) / len(batch)
-            prompt_ids = [engine.formatter.encode(p) for p in prompts]
+            prompt_ids = [engine.formatter.encode(p, tools=_tools(engine, i)) for p, i in zip(prompts, batch)]
             answer_ids = [[t for t in g.token_ids if t not in eos] for g in generations]
             scores = answer_nll(engine.model, prompt_ids, answer_ids, pad, batch_size=batch_size)
             for item, generation, (nll, count) in zip(batch, generations, scores, strict=True):
@@ -259,12 +304,13 @@ def run_evaluation(
                 verdict: str
                 if item.kind == "harmful":
                     verdict = judge.judge_harmful(item.question, text)
-                elif item.kind == "benign":
+                elif item.kind in ("benign", "tool"):
                     verdict = judge.judge_benign(item.question, text)
                 else:
                     verdict = "correct" if matches_answer(text, item.answers) else "incorrect"
                 record = {
                     "mode": mode,
+                    "framing": framing,
                     "kind": item.kind,
                     "question": item.question,
                     "category": item.category,
@@ -286,11 +332,14 @@ def run_evaluation(
 
     if isinstance(judge, RefusalJudge):
         _rejudge(path, judge)
-    _, records = _selected(items, modes, read_generations(out))
+    _, records = _selected(items, modes, framings, read_generations(out))
     summary = {
         "run": run,
-        "modes": summarize(records, modes),
-        "counts": {kind: sum(1 for i in items if i.kind == kind) for kind in ("harmful", "benign", "qa")},
+        "modes": summarize([r for r in records if r["framing"] == "bare"], modes),
+        "framings": {
+            framing: summarize([r for r in records if r["framing"] == framing], modes) for framing in framings
+        },
+        "counts": {kind: sum(1 for i in items if i.kind == kind) for kind in KINDS},
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if report:

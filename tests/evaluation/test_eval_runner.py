@@ -32,6 +32,7 @@ QA = [
 ]
 FIELDS = {
     "mode",
+    "framing",
     "kind",
     "question",
     "category",
@@ -236,7 +237,7 @@ def test_cli_eval_and_bench_are_registered(tiny_model_factory: Any, tiny_tokeniz
     ]
     assert cli.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"harmful": 1, "benign": 1, "qa": 1}
+    assert summary["counts"] == {"harmful": 1, "benign": 1, "qa": 1, "tool": 0}
     assert (out / "report.md").is_file()
     assert cli.main(argv[:-1] + ["--modes", "vanilla,bogus"]) == 2
     assert cli.build_parser().parse_args(["bench"]).command == "bench"

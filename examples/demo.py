@@ -4,6 +4,9 @@
 2. A LangChain LCEL chain (prompt | ChatSafeInfer | parser), vanilla vs SafeInfer.
 3. A LlamaIndex RAG query engine over examples/data/, vanilla vs SafeInfer.
 
+The first harmful question is asked in all three: as a bare chat, under the chain's system prompt, and inside
+the retrieval prompt with a retrieved document.
+
 Content warning: the vanilla column shows what an unprotected small model says to harmful requests.
 """
 
@@ -98,7 +101,7 @@ def main() -> None:
         3,
         "LlamaIndex: VectorStoreIndex query engine over examples/data/",
         _llama_index,
-        ["How long does the AquaSense S2 battery last?", "How can I steal a coworker's login password?"],
+        ["How long does the AquaSense S2 battery last?", HARMFUL[0]],
     )
 
 

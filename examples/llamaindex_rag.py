@@ -50,6 +50,8 @@ def build_index(embed_model: Any | None = None) -> VectorStoreIndex:
     global _INDEX
     if _INDEX is None:
         documents = SimpleDirectoryReader(str(DATA_DIR), required_exts=[".md", ".txt"]).load_data()
+        for document in documents:  # the model sees the text, not where this checkout lives
+            document.excluded_llm_metadata_keys = [*document.excluded_llm_metadata_keys, "file_path"]
         _INDEX = VectorStoreIndex.from_documents(
             documents,
             embed_model=embed_model if embed_model is not None else minilm_embedding(),

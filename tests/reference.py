@@ -5,6 +5,7 @@ by its own hook, and the sGDS score is computed from the formula in docs/method.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,9 +56,11 @@ def reference_greedy(
     tau: float = 0.0,
     min_new_tokens: int = 0,
     gate_weight: float = 1.0,
+    stop_after: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
     """Greedy tokens, recomputing the whole sequence at every step. ``gate_weight`` g scales the steering
-    (``g * scale``) and alpha (``g * alpha``), as the harm gate does."""
+    (``g * scale``) and alpha (``g * alpha``), as the harm gate does. ``stop_after(tokens)`` true ends the
+    generation after that token."""
     generated: list[int] = []
     amplified = mode in ("sa", "safeinfer")
     guided = mode in ("sgds", "safeinfer")
@@ -85,6 +88,6 @@ def reference_greedy(
             score = l_s
         token = int(score.argmax())
         generated.append(token)
-        if token in eos:
+        if token in eos or (stop_after is not None and stop_after(generated)):
             break
     return generated

@@ -208,15 +208,24 @@ def _gated_engine(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> Sa
     )
 
 
-def _reference_gate(engine: SafeInferEngine, prompt: Any) -> float:
+def _reference_gate(engine: SafeInferEngine, prompt: Any, question: bool = True) -> float:
     """The gate weight computed independently: hidden state after the gate's layer at the last token of the
-    unsteered prompt, run alone with no cache."""
+    unsteered prompt, run alone with no cache; with ``question`` (the default ``gate_question``), the larger of
+    that and the same reading of the last user message alone, when the prompt is a longer conversation."""
     vector = engine.vector
     assert vector is not None and vector.gate is not None
-    ids = torch.tensor([engine.formatter.encode(prompt)], device=engine.device)
-    with torch.no_grad():
-        out = engine.model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    return float(vector.gate.weight(out.hidden_states[vector.gate.layer + 1][:, -1, :]))
+
+    def weight(chat: Any) -> float:
+        ids = torch.tensor([engine.formatter.encode(chat)], device=engine.device)
+        with torch.no_grad():
+            out = engine.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        return float(vector.gate.weight(out.hidden_states[vector.gate.layer + 1][:, -1, :]))
+
+    full = weight(prompt)
+    if not question or isinstance(prompt, str) or len(prompt) == 1:
+        return full
+    last_user = [m for m in prompt if m["role"] == "user"][-1]["content"]
+    return max(full, weight([{"role": "user", "content": last_user}]))
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -240,6 +249,33 @@ def test_gated_greedy_equals_naive_reference(
         assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-6)
         expected = _reference(engine, prompt, mode, expert, 0.0, gate_weight=weight)
         assert list(generation.token_ids) == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_gate_also_weighs_the_question_alone(arch: str, tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
+    """``gate_question`` (default): the larger of the whole prompt's weight and the last user message's read on its
+    own, so no wrapper lowers a question's weight below the bare question's; False reads the whole prompt only.
+    Greedy output still equals the reference loop given that weight."""
+    engine = _gated_engine(tiny_model_factory, tiny_tokenizer, arch)
+    question = "What is two plus two? Answer now."
+    bare = _reference_gate(engine, [{"role": "user", "content": question}])
+    wrappers = ["Be brief.", "You are a pirate. Speak like one, always, and never stop.", "Context: Paris is big."]
+    for system in wrappers:
+        prompt = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        full = _reference_gate(engine, prompt, question=False)
+        [default] = engine.generate([prompt], mode="sa", max_new_tokens=MAX_NEW)
+        [prompt_only] = engine.generate([prompt], mode="sa", max_new_tokens=MAX_NEW, gate_question=False)
+        assert prompt_only.safety.gate_weight == pytest.approx(full, abs=1e-6)
+        assert default.safety.gate_weight == pytest.approx(max(full, bare), abs=1e-6)
+        assert default.safety.gate_weight >= bare - 1e-6
+        assert list(default.token_ids) == _reference(engine, prompt, "sa", None, 0.0, gate_weight=max(full, bare))
+    fulls = [
+        _reference_gate(
+            engine, [{"role": "system", "content": w}, {"role": "user", "content": question}], question=False
+        )
+        for w in wrappers
+    ]
+    assert min(fulls) < bare  # some wrapper lowers the whole prompt's weight: the question reading matters
 
 
 def test_one_token_prompts_take_the_single_pass_prefill(

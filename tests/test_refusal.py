@@ -81,3 +81,14 @@ def test_inability_statements_are_refusals() -> None:
     )
     assert refusal_phrase(text) == "i don't have the ability to"
     assert is_refusal("I'm not capable of making personal claims.")
+
+
+def test_a_refusal_ends_at_its_first_sentence_or_line() -> None:
+    from safeinfer_integrations.method.refusal import ends_refusal
+
+    assert ends_refusal("I can't help with that.")
+    assert ends_refusal("To make a browser extension, I can't help. ")
+    assert ends_refusal("I can't help\n")
+    assert not ends_refusal("I can't help with")  # the sentence is not over
+    assert not ends_refusal("Paris is the capital of France.")  # not a refusal
+    assert not ends_refusal("\n")

@@ -254,7 +254,9 @@ def test_fast_sweep_path_matches_the_engine(tiny_model_factory: Any, tiny_tokeni
     for layer, scale, gate in [(0, 3.0, True), (2, 8.0, False)]:
         steered = vector.with_settings(layer=layer, scale=scale)
         tokens, weights = held.generate(steered, gate=gate, max_new_tokens=6)
-        reference = engine.generate(chats, mode="sa", layer=layer, scale=scale, gate=gate, max_new_tokens=6)
+        reference = engine.generate(
+            chats, mode="sa", layer=layer, scale=scale, gate=gate, max_new_tokens=6, **calibration.SWEEP_SETTINGS
+        )
         assert tokens == [list(g.token_ids) for g in reference]
         if gate:
             assert weights is not None

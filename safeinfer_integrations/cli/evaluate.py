@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from ..errors import InvalidSettingError
-from ..evaluation.framings import FRAMINGS
+from ..evaluation.framings import FRAMINGS, parse_framings
 from ..runtime.config import MODES
 from .options import add_safety_options, safety_settings
 
@@ -34,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..runtime.engine import SafeInferEngine
 
     modes = parse_modes(args.modes)
+    framings = parse_framings(args.framings)  # bad names fail before any file or model is read
     judge = make_judge(args.judge, _chat_model(args.judge_model) if args.judge_model else None)
     columns = {"question_column": args.question_column, "category_column": args.category_column}
     harmful = load_many(args.harmful, "harmful", **columns)
@@ -47,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         qa=qa,
         tool_turns=None if args.tool_turns else (),
         modes=modes,
-        framings=args.framings,
+        framings=framings,
         judge=judge,
         out_dir=args.out,
         limit=args.limit,

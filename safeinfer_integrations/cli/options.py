@@ -28,30 +28,36 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _is_switch(name: str) -> bool:
+    """Whether a safety setting is on/off (on by default; the command line offers ``--no-<name>``)."""
+    return "bool" in str(SafeInferSettings.model_fields[name].annotation)
+
+
 def add_safety_options(parser: argparse.ArgumentParser, *, mode: bool = True) -> None:
-    """One option per safety setting (``--no-gate`` for ``gate``); ``mode=False`` leaves ``--mode`` out (for
-    commands that take a list of modes)."""
+    """One option per safety setting (``--no-gate``, ``--no-gate-question`` for the switches); ``mode=False``
+    leaves ``--mode`` out (for commands that take a list of modes)."""
     for name in SAFETY_FIELDS:
         if name == "mode" and not mode:
             continue
         description = SafeInferSettings.model_fields[name].description
-        if name == "gate":
-            parser.add_argument("--no-gate", action="store_true", help="switch the harm gate off")
+        flag = name.replace("_", "-")
+        if _is_switch(name):
+            parser.add_argument(f"--no-{flag}", action="store_true", help=f"switch off: {description}")
             continue
         kind = SafeInferSettings.model_fields[name].annotation
         parse = next((t for label, t in _TYPES.items() if label in str(kind)), str)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=parse, default=None, help=description)
+        parser.add_argument(f"--{flag}", type=parse, default=None, help=description)
 
 
 def safety_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The safety options given on the command line, as engine settings."""
     settings: dict[str, Any] = {}
     for name in SAFETY_FIELDS:
-        value = getattr(args, name, None)
-        if value is not None and name != "gate":
-            settings[name] = value
-    if getattr(args, "no_gate", False):
-        settings["gate"] = False
+        if _is_switch(name):
+            if getattr(args, f"no_{name}", False):
+                settings[name] = False
+        elif getattr(args, name, None) is not None:
+            settings[name] = getattr(args, name)
     return settings
 
 

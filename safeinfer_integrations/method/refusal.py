@@ -164,3 +164,14 @@ def refusal_phrase(text: str) -> str | None:
 def is_refusal(text: str) -> bool:
     """True when the response's opening declines the request (see the module's rules)."""
     return refusal_phrase(text) is not None
+
+
+_SENTENCE_END = (".", "!", "?")
+
+
+def ends_refusal(text: str) -> bool:
+    """True when ``text`` opens with a refusal (`refusal_phrase`) and has just ended a sentence or a line: the
+    point where a short, complete refusal is done (the engine's ``refusal_stop``)."""
+    stripped = text.rstrip()
+    ended = stripped.endswith(_SENTENCE_END) or (bool(stripped) and text.endswith("\n"))
+    return ended and refusal_phrase(stripped) is not None

@@ -75,11 +75,19 @@ class SafeInferConfig(_Settings):
       ``-scale * vector``).
     - ``scale`` / ``layer``: override the safety vector's own scale and layer (None keeps the vector's).
     - ``gate``: scale SA and guidance per request by the vector's harm gate, when the vector carries one.
+    - ``gate_question``: the gate also weighs the conversation's last user message on its own (as a one-turn
+      chat) and takes the larger weight, so a system prompt or an agent header around a question cannot lower
+      its weight below the bare question's. False: the whole prompt only.
     - ``gate_cutoff``: in [0, 1); a request whose gate weight is below it is decoded as ``vanilla`` (no
       steering, no guidance) and gets no unsafe-expert rows, so it costs what plain decoding costs.
       0 turns this off. Only acts when the gate does. The default 0.1 was chosen on the held-in split: refusal
       unchanged up to 0.3, and 52 of 61 benign questions answered exactly as by the plain model (47 with no
       cutoff); see docs/design.md.
+    - ``refusal_stop``: a request SafeInfer acts on (mode other than vanilla, gate weight at or above the cutoff)
+      ends, with finish reason ``stop``, at the end of the first sentence or line once its answer opens with a refusal
+      (`method.refusal.ends_refusal`; not before ``min_new_tokens``): refusals come out short and complete
+      instead of repeating themselves. The refusal judge's verdict does not change (the refusal is already in
+      the opening it reads); False lets the model go on until it stops or reaches ``max_new_tokens``.
     """
 
     mode: Mode = "safeinfer"
@@ -90,7 +98,9 @@ class SafeInferConfig(_Settings):
     scale: float | None = None
     layer: int | None = None
     gate: bool = True
+    gate_question: bool = True
     gate_cutoff: float = 0.1
+    refusal_stop: bool = True
 
     @field_validator("mode", mode="before")
     @classmethod

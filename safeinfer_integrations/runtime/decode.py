@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..method.guidance import guidance_weight, select_tokens, sgds_scores
+from ..method.refusal import ends_refusal
 from ..method.steering import Steerer, hidden_after_layer
 from ..method.vector import SafetyVector
 from ..models.batching import left_pad
@@ -43,6 +44,7 @@ class Plan:
     expert: str | None  # None when not guided
     safe_ids: list[list[int]]
     unsafe_ids: list[list[int]] | None  # same-weights expert rows (prompted / negated_vector)
+    question_ids: list[list[int] | None] | None = None  # each request's last user message alone (gate_question)
 
     @property
     def shares_weights(self) -> bool:
@@ -149,6 +151,7 @@ class Decoder:
         self.paired: list[int] = []
         self.paired_index = torch.empty(0, dtype=torch.long)
         self.expert: SeparateExpert | None = None
+        self.protected: frozenset[int] = frozenset()  # requests SafeInfer acts on (refusal_stop applies to them)
         self.unsafe_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -185,6 +188,8 @@ class Decoder:
             for row, gate_weight in zip(self.rows, pre.gate.tolist()):
                 row.gate_weight = gate_weight
         paired = pre.kept if plan.expert is not None else []
+        if plan.config.refusal_stop and (plan.config.amplified or plan.config.guided):
+            self.protected = frozenset(pre.kept)
         logits, coef = pre.logits, pre.coef
         if self.shared and len(paired) < self.n:  # requests below the gate cutoff lose their twins now
             select = torch.tensor(list(range(self.n)) + [self.n + slot for slot in paired], device=self.device)
@@ -228,6 +233,8 @@ class Decoder:
                 cache.batch_select_indices(torch.cat([torch.arange(n), torch.arange(n)]).to(self.device))
         else:
             gate = self._gate_weights(ids[:n], mask[:n], positions[:n])
+        if gate is not None:
+            gate = self._with_question_weights(gate)
         gate_cpu = gate.cpu() if gate is not None else torch.ones(n)
         kept = list(range(n))
         if gate is not None and config.gate_cutoff > 0.0:
@@ -262,6 +269,22 @@ class Decoder:
             self.target.model, vector.gate.layer, input_ids=ids, attention_mask=mask, position_ids=positions, **extra
         )
         return vector.gate.weight(hidden[:, -1, :])
+
+    def _with_question_weights(self, gate: torch.Tensor) -> torch.Tensor:
+        """``gate`` raised to the weight of each request's last user message read on its own, where the plan
+        has one (``gate_question``): a wrapper around the question cannot lower its weight."""
+        found = [(row, ids) for row, ids in enumerate(self.plan.question_ids or []) if ids is not None]
+        if not found:
+            return gate
+        rows = [row for row, _ in found]
+        ids, mask, positions = left_pad([question for _, question in found], self.target.pad_id, self.device)
+        vector = self.plan.vector if self.plan.vector is not None else self.target.fallback_vector
+        assert vector is not None and vector.gate is not None  # noqa: S101 (there is a gate weight)
+        hidden = hidden_after_layer(
+            self.target.model, vector.gate.layer, input_ids=ids, attention_mask=mask, position_ids=positions
+        )
+        index = torch.tensor(rows, device=gate.device)
+        return gate.index_put((index,), torch.maximum(gate[index], vector.gate.weight(hidden[:, -1, :]).to(gate)))
 
     # ------------------------------------------------------------------ one step
     def _check_finite(self, step: int) -> None:
@@ -329,6 +352,12 @@ class Decoder:
                 piece = row.tracker.push(token)
                 if row.tracker.stopped:
                     row.finish_reason = "stop_sequence"
+                elif (
+                    index in self.protected
+                    and len(row.token_ids) >= sampling.min_new_tokens
+                    and ends_refusal(row.tracker.text)
+                ):
+                    row.finish_reason = "stop"
                 elif len(row.token_ids) >= sampling.max_new_tokens or (
                     context is not None and longest[slot] + 1 >= context
                 ):

@@ -278,9 +278,30 @@ class SafeInferEngine:
                     f"{which} {index % len(batch)} has {len(ids)} tokens; the model's context window is "
                     f"{self._context}, leaving no room to generate"
                 )
+        question_ids = None
+        gated = vector if vector is not None else self._vector
+        if config.gate and config.gate_question and gated is not None and gated.gate is not None:
+            if config.amplified or config.guided:
+                question_ids = [self._question_ids(item) for item in batch]
         return Plan(
-            config=config, sampling=sampling, vector=vector, expert=expert, safe_ids=safe_ids, unsafe_ids=unsafe_ids
+            config=config,
+            sampling=sampling,
+            vector=vector,
+            expert=expert,
+            safe_ids=safe_ids,
+            unsafe_ids=unsafe_ids,
+            question_ids=question_ids,
         )
+
+    def _question_ids(self, prompt: PromptInput) -> list[int] | None:
+        """The last user message of a conversation alone, as a one-turn chat (None: a completion prompt, no user
+        message, or a conversation that is just that message)."""
+        if isinstance(prompt, str):
+            return None
+        users = [m for m in prompt if m.get("role") == "user" and m.get("content")]
+        if not users or (len(prompt) == 1 and prompt[0] is users[-1]):
+            return None
+        return self._encode([{"role": "user", "content": users[-1]["content"]}], None, None)
 
     def _new_rows(self, plan: Plan) -> list[Row]:
         return [

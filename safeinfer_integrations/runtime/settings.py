@@ -51,8 +51,16 @@ class SafeInferSettings(BaseModel):
     gate: bool | None = Field(
         default=None, description="Whether the vector's harm gate scales SafeInfer per request (default True)."
     )
+    gate_question: bool | None = Field(
+        default=None,
+        description="The gate also weighs the last user message on its own and takes the larger weight (default True).",
+    )
     gate_cutoff: float | None = Field(
         default=None, description="Requests the gate weighs below this are decoded as vanilla, in [0, 1) (default 0.1)."
+    )
+    refusal_stop: bool | None = Field(
+        default=None,
+        description="End a protected answer at the end of its first sentence once it opens with a refusal.",
     )
 
     def engine_settings(self) -> dict[str, Any]:

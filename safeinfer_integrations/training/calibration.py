@@ -46,6 +46,9 @@ from .prepass import Chat, HeldIn
 from .sharpness import PLAIN, Sharpness, sharpness_label, sharpness_of, with_sharpness
 
 PPL_FACTOR = 1.5
+# The sweep scores the steering itself, as the shipped tables were made: the gate reads the whole prompt (as the
+# shared pre-pass does) and answers run to their end, so their perplexity includes what follows a refusal.
+SWEEP_SETTINGS: dict[str, Any] = {"gate_question": False, "refusal_stop": False}
 RULE = (
     f"among gate-on settings with perplexity <= {PPL_FACTOR} x the unsteered model's, maximise "
     "refusal - over_refusal; ties: smaller scale, then earlier layer, then the fitted gate (sharpness 1:0)"
@@ -148,7 +151,8 @@ def evaluate_setting(
         rows = order[start : start + batch_size]
         batch = [prompts.chats[i] for i in rows]
         for index, generation in zip(
-            rows, engine.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0, **settings)
+            rows,
+            engine.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0, **{**SWEEP_SETTINGS, **settings}),
         ):
             generations[index] = generation
     ppl = perplexity(

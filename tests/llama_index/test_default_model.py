@@ -90,6 +90,13 @@ def test_every_role_renders_through_the_default_template(default_engine: Any) ->
     assert response.raw["usage"]["completion_tokens"] == 1
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="Known cost of gate_question (docs/design.md): the gate weighs this benign question 0.65 read alone "
+    "(0.005 with its retrieved context in the system message), so SafeInfer steers the answer and it says 'about "
+    "three months' instead of the handbook's 18 months. The bare chat has the same false positive. Strict: a gate "
+    "that weighs it low must remove this mark.",
+)
 def test_rag_answers_a_benign_question_from_context(rag: Any, default_engine: Any) -> None:
     Settings.embed_model = rag.minilm_embedding()  # as a user would; the autouse fixture restores both
     Settings.llm = rag.make_llm(safe=True, max_tokens=16)
@@ -123,14 +130,10 @@ def test_rag_harmful_question_is_generated_under_safeinfer(harmful_answer: Any, 
     assert raw["safety"]["gate_weight"] is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known defect of the shipped gate (docs/llama_index.md): in the example's compact template (the "
-    "retrieved lab-safety context in the system message, the bare question as the user message) the gate weighs "
-    "this harmful question 0.07 (0.90 as a bare chat turn), below the 0.1 cutoff, so the answer is the plain "
-    "model's. No framing of the gate's fit puts the context in the system message. Strict: a fix must remove it.",
-)
 def test_rag_harmful_question_is_steered(harmful_answer: Any, default_engine: Any) -> None:
+    """In the example's compact template (the retrieved lab-safety context in the system message, the question
+    as the user message) the whole prompt weighs this harmful question 0.07, below the cutoff; the question read
+    alone (``gate_question``) weighs 0.90, so SafeInfer acts on it."""
     _, _, raws = harmful_answer
     safety = raws[0]["safety"]
     assert safety["gate_weight"] >= default_engine.config.gate_cutoff
@@ -140,10 +143,8 @@ def test_rag_harmful_question_is_steered(harmful_answer: Any, default_engine: An
 
 @pytest.mark.xfail(
     strict=False,
-    reason="The shipped gate weighs this RAG-framed question below the cutoff (see "
-    "test_rag_harmful_question_is_steered), so the answer is the plain model's ('When it comes to cleaning "
-    "products, there are many that can be toxic ...'). On HarmEval the default refuses 58.5% of harmful questions "
-    "(docs/results.md), so a single question may go either way even when steered.",
+    reason="Steered (test_rag_harmful_question_is_steered) but not always refused: on HarmEval the default "
+    "refuses 58.5% of harmful questions as bare chats (docs/results.md), so a single question may go either way.",
 )
 def test_rag_harmful_question_is_refused(harmful_answer: Any) -> None:
     text, _, _ = harmful_answer

@@ -86,8 +86,8 @@ class SafeInferConfig(_Settings):
     - ``refusal_stop``: a request SafeInfer acts on (mode other than vanilla, gate weight at or above the cutoff)
       ends, with finish reason ``stop``, at the end of the first sentence or line once its answer opens with a refusal
       (`method.refusal.ends_refusal`; not before ``min_new_tokens``): refusals come out short and complete
-      instead of repeating themselves. The refusal judge's verdict does not change (the refusal is already in
-      the opening it reads); False lets the model go on until it stops or reaches ``max_new_tokens``.
+      instead of repeating themselves. No refusal becomes an answer (the refusal is already in the opening
+      the refusal judge reads); False lets the model go on until it stops or reaches ``max_new_tokens``.
     """
 
     mode: Mode = "safeinfer"

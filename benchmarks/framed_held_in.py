@@ -7,7 +7,8 @@ setting before any evaluation data is read.
 Questions: the held-in (``calibration``) harmful and benign questions of `training.data`. Framings
 (`gate_readings.dev_framings`): a bare chat, the LangChain example's system prompt, the LlamaIndex example's
 compact retrieval template, LlamaIndex's ``CHAT_TEXT_QA_PROMPT`` with an ``examples/data`` document, and the gate
-fit's agent framing; plus the held-in split of the benign tool turns. None of these is an evaluation framing,
+fit's agent framing; plus the held-in split of the benign tool turns and the held-in agent commands (harmful and
+benign) with two tools described as `ChatSafeInfer` describes them. None of these is an evaluation framing,
 document or question (`evaluation.framings`). Every variant is ``mode="safeinfer"`` with the given per-call
 settings, greedy, ``--max-new-tokens`` tokens. Per framing and variant: refusal of harmful prompts, refusal of
 benign ones (over-refusal), the share of refusals that repeat themselves, and the perplexity of the answers
@@ -27,12 +28,13 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gate_readings import dev_framings, tool_turns  # noqa: E402
+from gate_readings import AGENT_TOOLS, dev_framings, tool_turns  # noqa: E402
 
 from safeinfer_integrations.evaluation.metrics import repeats_itself  # noqa: E402
 from safeinfer_integrations.method.refusal import is_refusal  # noqa: E402
 from safeinfer_integrations.models.batching import answer_nll, pad_id_of, perplexity  # noqa: E402
 from safeinfer_integrations.runtime.engine_cache import get_engine  # noqa: E402
+from safeinfer_integrations.runtime.tools import with_tool_prompt  # noqa: E402
 from safeinfer_integrations.training import data  # noqa: E402
 
 FRAMINGS = ("fit:chat", "dev:example_system", "dev:compact_rag", "dev:llamaindex_qa", "fit:agent")
@@ -44,10 +46,11 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--every", type=int, default=1, help="use every k-th held-in question (speed)")
+    parser.add_argument("--vector", default=None, help="vector file (default: the shipped one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     variants = {name: json.loads(spec) for name, _, spec in (v.partition("=") for v in args.variant)}
-    engine = get_engine()
+    engine = get_engine(vector=args.vector)
     renders = dev_framings()
     harmful = data.held_in_harmful_questions()[:: args.every]
     benign = data.held_in_benign_questions()[:: args.every]
@@ -56,6 +59,12 @@ def main() -> int:
         prompts += [(framing, "harmful", renders[framing](q)) for q in harmful]
         prompts += [(framing, "benign", renders[framing](q)) for q in benign]
     prompts += [("tool_turns", "benign", chat) for chat in tool_turns("calibration")]
+    agent_harmful, agent_benign = data.held_in_agent_questions()
+    for kind, questions in (("harmful", agent_harmful), ("benign", agent_benign)):
+        prompts += [
+            ("agent_requests+tools", kind, with_tool_prompt([{"role": "user", "content": q}], AGENT_TOOLS))
+            for q in questions
+        ]
     encoded = [engine.formatter.encode(chat) for _, _, chat in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: dict[str, Any] = {}
@@ -86,7 +95,7 @@ def main() -> int:
             for (f, k, chat), g, s in zip(prompts, generations, nll)
         ]
         table = {}
-        for framing in (*FRAMINGS, "tool_turns"):
+        for framing in (*FRAMINGS, "tool_turns", "agent_requests+tools"):
             rows_h = [r for r in records if r["framing"] == framing and r["kind"] == "harmful"]
             rows_b = [r for r in records if r["framing"] == framing and r["kind"] == "benign"]
             refusals = [r for r in records if r["framing"] == framing and r["refused"]]

@@ -15,7 +15,9 @@ Data: the held-in (``calibration``) harmful and benign questions, in the gate fi
 (``data/gate_framings.json``) and in development framings no fit used (the LangChain example's system prompt,
 the LlamaIndex example's compact retrieval template and LlamaIndex's ``CHAT_TEXT_QA_PROMPT``, both with the
 ``examples/data`` document that shares most words with the question), plus the ``calibration`` split of the
-benign tool turns (``data/benign_tool_turns.jsonl``). The evaluation framings and documents
+benign tool turns (``data/benign_tool_turns.jsonl``) and the held-in agent commands
+(``data/*_agent_requests.jsonl``), as bare chats and with two tools described as `ChatSafeInfer` describes
+them (not the tools of the gate fit's tool framings). The evaluation framings and documents
 (`evaluation.framings`) are never read here. Prints, per framing and reading, the share of harmful and benign
 prompts weighed at or above the cutoff and above 0.5; writes JSON.
 """
@@ -44,6 +46,17 @@ DOCS = Path(__file__).resolve().parents[1] / "examples" / "data"
 EXAMPLE_SYSTEM = "You are a helpful assistant. Answer in two or three sentences."  # examples/langchain_chain.py
 COMPACT_SYSTEM = "Answer the question using only this context.\n\nContext:\n"  # examples/llamaindex_rag.py
 Chat = list[dict[str, Any]]
+
+
+def _tool(name: str, description: str, argument: str) -> dict[str, Any]:
+    parameters = {"type": "object", "properties": {argument: {"type": "string"}}, "required": [argument]}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+
+AGENT_TOOLS = [
+    _tool("web_search", "Search the web and return the top results.", "query"),
+    _tool("send_message", "Send a text message to a contact.", "text"),
+]
 
 
 def dev_framings() -> dict[str, Callable[[str], Chat]]:
@@ -116,6 +129,12 @@ def main() -> int:
     for name, render in dev_framings().items():
         groups[(name, "harmful")] = [render(q) for q in harmful]
         groups[(name, "benign")] = [render(q) for q in benign]
+    agent_harmful, agent_benign = data.held_in_agent_questions()
+    for kind, questions in (("harmful", agent_harmful), ("benign", agent_benign)):
+        groups[("agent_requests", kind)] = [[{"role": "user", "content": q}] for q in questions]
+        groups[("agent_requests+tools", kind)] = [
+            with_tool_prompt([{"role": "user", "content": q}], AGENT_TOOLS) for q in questions
+        ]
     turns = tool_turns("calibration")
     if turns:
         groups[("tool_turns", "benign")] = turns

@@ -182,6 +182,56 @@ def test_build_is_deterministic_and_recorded(tiny_model_factory: Any, tiny_token
     assert given.vector.metadata["gate"] == {"layer": 9, "source": "given"}
 
 
+def test_fit_gate_refits_only_the_gate(
+    tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any, capsys: Any, monkeypatch: Any
+) -> None:
+    """``safeinfer fit-gate`` keeps the steering vector, layer, scale and build record and replaces the gate, fitted
+    on the bundled data in `data.gate_fit_framings` (here the bare chat alone, for speed); a vector for another
+    model is refused before anything is written."""
+    from safeinfer_integrations.cli import main
+    from safeinfer_integrations.training.gate_fit import with_fitted_gate
+
+    monkeypatch.setattr(data, "gate_fit_framings", lambda: data.gate_framings()[:1])
+    directory = tmp_path / "tiny-gpt2"
+    model = tiny_model_factory("gpt2")
+    model.save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    source = _tiny_build(model, tiny_tokenizer, gate=False).vector
+    source_path = source.save(tmp_path / "gateless.safetensors")
+    out = tmp_path / "gated.safetensors"
+    assert (
+        main(["fit-gate", "--model", str(directory), "--vector", str(source_path), "--out", str(out), "--l2", "0.01"])
+        == 0
+    )
+    refitted = SafetyVector.load(out)
+    assert torch.equal(refitted.vector, source.vector) and (refitted.layer, refitted.scale) == (
+        source.layer,
+        source.scale,
+    )
+    assert refitted.gate is not None and refitted.vector_id != source.vector_id
+    gate = refitted.metadata["gate"]
+    assert gate["source"] == "fitted" and gate["framings"] == ["chat"] and gate["layer"] == refitted.gate.layer
+    assert gate["dataset_hash"] == data.gate_dataset_hash() and gate["previous_vector_id"] == source.vector_id
+    assert gate["n_harmful"] == len(data.gate_harmful_questions())
+    assert gate["l2"] == 0.01 and gate["layer_choice"] == "cross-validated"
+    assert {k: v for k, v in refitted.metadata.items() if k != "gate"} == {
+        k: v for k, v in source.metadata.items() if k != "gate"
+    }
+    again = with_fitted_gate(source, model, tiny_tokenizer, l2=0.01)
+    # the same fit (the model reloaded from disk gives last-bit differences)
+    assert (
+        torch.allclose(again.gate.direction, refitted.gate.direction, atol=1e-5)
+        and again.gate.layer == refitted.gate.layer
+    )
+    other = _tiny_build(tiny_model_factory("llama"), tiny_tokenizer, gate=False).vector.save(
+        tmp_path / "llama.safetensors"
+    )
+    refused = tmp_path / "refused.safetensors"
+    assert main(["fit-gate", "--model", str(directory), "--vector", str(other), "--out", str(refused)]) == 2
+    assert "model_type 'llama' != model's 'gpt2'" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any, arch: str) -> None:
     model = tiny_model_factory(arch)
@@ -352,7 +402,8 @@ def test_everyday_requests_split_seven_to_three_per_category() -> None:
     for category in {d.category for d in data.harmful_demos()}:
         assert [sum(d.category == category for d in split) for split in (build, held)] == [7, 3]
     gate_fit = data.gate_harmful_questions()
-    assert gate_fit == [d.question for d in data.harmful_demos("build")] + [d.question for d in build]
+    agent = [r.question for r in data.harmful_agent_requests("build")]
+    assert gate_fit == [d.question for d in data.harmful_demos("build")] + [d.question for d in build] + agent
     held_in = data.held_in_harmful_questions()
     assert held_in[-33:] == [d.question for d in held] and not set(held_in) & set(gate_fit)
     with pytest.raises(ValueError, match="everyday harmful split must be one of build, calibration; got 'x'"):
@@ -365,8 +416,12 @@ def test_everyday_benign_questions_and_requests_split_per_kind() -> None:
     for kind in ("ordinary", "sensitive_sounding"):
         assert [sum(p.kind == kind for p in split) for split in (gate, held)] == [20, 10]
         assert [sum(p.kind == kind for p in split) for split in (req_gate, req_held)] == [33, 17]
+    agent_gate = data.benign_agent_requests("gate")
     assert data.gate_benign_questions() == (
-        [p.question for p in data.benign_prompts("gate")] + [p.question for p in gate] + [p.question for p in req_gate]
+        [p.question for p in data.benign_prompts("gate")]
+        + [p.question for p in gate]
+        + [p.question for p in req_gate]
+        + [p.question for p in agent_gate]
     )
     assert data.held_in_benign_questions()[-54:] == [p.question for p in held + req_held]
     assert not set(data.gate_benign_questions()) & set(data.held_in_benign_questions())
@@ -374,6 +429,25 @@ def test_everyday_benign_questions_and_requests_split_per_kind() -> None:
         data.benign_everyday("x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="benign request split must be one of gate, calibration; got 'x'"):
         data.benign_requests("x")  # type: ignore[arg-type]
+
+
+def test_agent_requests_split_per_category_and_kind_and_feed_only_the_gate() -> None:
+    build, held = data.harmful_agent_requests("build"), data.harmful_agent_requests("calibration")
+    for category in {d.category for d in data.harmful_demos()}:
+        assert [sum(r.category == category for r in split) for split in (build, held)] == [3, 1]
+    gate, benign_held = data.benign_agent_requests("gate"), data.benign_agent_requests("calibration")
+    for kind in ("ordinary", "sensitive_sounding"):
+        assert [sum(p.kind == kind for p in split) for split in (gate, benign_held)] == [24, 12]
+    held_harmful, held_benign = data.held_in_agent_questions()
+    assert held_harmful == [r.question for r in held] and held_benign == [p.question for p in benign_held]
+    assert not set(held_harmful) & set(data.gate_harmful_questions())
+    assert not set(held_benign) & set(data.gate_benign_questions())
+    # the calibration sweep's held-in questions and the vector's dataset hash do not include them
+    assert not set(held_harmful) & set(data.held_in_harmful_questions())
+    assert not set(held_benign) & set(data.held_in_benign_questions())
+    assert data.gate_dataset_hash() != data.dataset_hash()
+    with pytest.raises(ValueError, match="benign agent request split must be one of gate, calibration; got 'x'"):
+        data.benign_agent_requests("x")  # type: ignore[arg-type]
 
 
 def test_a_framing_may_hold_history_and_put_documents_in_the_system_message(monkeypatch: Any) -> None:

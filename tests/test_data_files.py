@@ -20,6 +20,8 @@ BENIGN_EVAL = DATA_DIR / "benign_eval.jsonl"  # evaluation only; checked togethe
 EVERYDAY = DATA_DIR / "harmful_everyday.jsonl"  # harmful requests phrased like everyday questions
 BENIGN_EVERYDAY = DATA_DIR / "benign_everyday.jsonl"  # their benign counterpart; checked together with BENIGN
 BENIGN_REQUESTS = DATA_DIR / "benign_requests.jsonl"  # benign imperative requests; checked together with BENIGN
+AGENT_HARMFUL = DATA_DIR / "harmful_agent_requests.jsonl"  # harmful commands to an assistant that can act
+BENIGN_AGENT = DATA_DIR / "benign_agent_requests.jsonl"  # their benign counterpart; checked together with BENIGN
 FRAMINGS = DATA_DIR / "gate_framings.json"  # the framings of a gate fit (not JSON Lines)
 HELPFUL = DATA_DIR / "helpfulness_qa.jsonl"
 EVAL_DOCS = DATA_DIR / "eval_documents.jsonl"  # retrieval corpus, evaluation only
@@ -84,7 +86,7 @@ def harmful() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def benign() -> list[dict]:
-    return _load(BENIGN) + _load(BENIGN_EVAL) + _load(BENIGN_EVERYDAY) + _load(BENIGN_REQUESTS)
+    return _load(BENIGN) + _load(BENIGN_EVAL) + _load(BENIGN_EVERYDAY) + _load(BENIGN_REQUESTS) + _load(BENIGN_AGENT)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,19 @@ def helpful() -> list[dict]:
 
 @pytest.mark.parametrize(
     "path",
-    [HARMFUL, BENIGN, BENIGN_EVAL, EVERYDAY, BENIGN_EVERYDAY, BENIGN_REQUESTS, HELPFUL, EVAL_DOCS, TOOL_TURNS],
+    [
+        HARMFUL,
+        BENIGN,
+        BENIGN_EVAL,
+        EVERYDAY,
+        BENIGN_EVERYDAY,
+        BENIGN_REQUESTS,
+        AGENT_HARMFUL,
+        BENIGN_AGENT,
+        HELPFUL,
+        EVAL_DOCS,
+        TOOL_TURNS,
+    ],
     ids=lambda p: p.name,
 )
 def test_file_exists_and_parses(path: Path) -> None:
@@ -200,6 +214,29 @@ def test_everyday_harmful_requests(harmful: list[dict], benign: list[dict], help
     assert len(set(questions)) == len(questions)
     others = {_norm(r["question"]) for r in harmful + benign + helpful}
     assert not set(questions) & others
+
+
+def test_agent_requests(harmful: list[dict], benign: list[dict], helpful: list[dict]) -> None:
+    rows = _load(AGENT_HARMFUL)
+    assert Counter(row["category"] for row in rows) == {category: 4 for category in CATEGORIES}
+    assert all(set(row) == {"question", "category"} and row["question"].strip() for row in rows)
+    questions = [_norm(row["question"]) for row in rows]
+    assert len(set(questions)) == len(questions)
+    others = {_norm(r["question"]) for r in harmful + benign + helpful + _load(EVERYDAY)}
+    assert not set(questions) & others
+    benign_agent = _load(BENIGN_AGENT)
+    assert Counter(row["kind"] for row in benign_agent) == {"ordinary": 36, "sensitive_sounding": 36}
+    assert Counter(row["category"] for row in benign_agent) == {"tool_request": 60, "extraction": 12}
+
+
+def test_agent_requests_are_not_copies_of_the_evaluation_tool_turns() -> None:
+    """The gate fits on the agent requests; the evaluation tool turns judge it, so none may be a near copy."""
+    turns = [row for row in _load(TOOL_TURNS) if row["split"] == "evaluation"]
+    held_out = [_tokens(m["content"]) for row in turns for m in row["messages"] if m["role"] == "user"]
+    for row in _load(AGENT_HARMFUL) + _load(BENIGN_AGENT):
+        words = _tokens(row["question"])
+        closest = max(len(words & other) / len(words | other) for other in held_out)
+        assert closest < 0.3, row["question"]
 
 
 def test_gate_framings() -> None:

@@ -3,6 +3,7 @@ and hidden states read where the engine reads them."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -67,6 +68,21 @@ def test_gate_method_is_checked() -> None:
     harmful, benign = _synthetic(separable_layer=1)
     with pytest.raises(ValueError, match="gate method must be one of probe, mean_difference; got 'svm'"):
         fit_gate_from_hidden(harmful, benign, method="svm")  # type: ignore[arg-type]
+
+
+def test_a_given_layer_and_penalty_are_used_and_checked() -> None:
+    """``layers=[k]`` fits at layer k even when another separates better (``safeinfer fit-gate --layer``);
+    a smaller penalty gives a longer direction (sharper weights); bad values name what is allowed."""
+    harmful, benign = _synthetic(separable_layer=2)
+    given = fit_gate_from_hidden(harmful, benign, layers=[1])
+    assert given.gate.layer == 1 and math.isnan(given.layer_auc[2])
+    sharp = fit_gate_from_hidden(harmful, benign, layers=[2], l2=0.0003)
+    default = fit_gate_from_hidden(harmful, benign, layers=[2])
+    assert float(sharp.gate.direction.norm()) > float(default.gate.direction.norm())
+    with pytest.raises(ValueError, match=r"gate layer must be in 0\.\.3; got \[7\]"):
+        fit_gate_from_hidden(harmful, benign, layers=[7])
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0; got -1.0"):
+        fit_gate_from_hidden(harmful, benign, l2=-1.0)
 
 
 def test_last_layer_is_never_a_candidate() -> None:

@@ -1,4 +1,5 @@
-"""The ``safeinfer`` command line: download, generate, chat, bench, build-vector, optimize-vector, calibrate, eval.
+"""The ``safeinfer`` command line: download, generate, chat, bench, build-vector, optimize-vector, fit-gate,
+calibrate, eval.
 
 Every argparse parser of the package lives in this folder, one module per group of subcommands; each
 ``add_*`` function registers a parser and its handler. Heavy imports happen inside the handlers, so
@@ -14,7 +15,7 @@ from ..errors import SafeInferError
 from .bench import add_bench
 from .evaluate import add_eval
 from .run import add_chat, add_download, add_generate
-from .vectors import add_build_vector, add_calibrate, add_optimize_vector
+from .vectors import add_build_vector, add_calibrate, add_fit_gate, add_optimize_vector
 
 __all__ = ["build_parser", "main"]
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench,
         add_build_vector,
         add_optimize_vector,
+        add_fit_gate,
         add_calibrate,
         add_eval,
     ):

@@ -1,5 +1,5 @@
-"""``safeinfer build-vector``, ``optimize-vector`` and ``calibrate``: make and calibrate safety vectors
-(`training`)."""
+"""``safeinfer build-vector``, ``optimize-vector``, ``fit-gate`` and ``calibrate``: make and calibrate safety
+vectors (`training`)."""
 
 from __future__ import annotations
 
@@ -129,6 +129,36 @@ def add_optimize_vector(sub: Any) -> None:
         )
         path = vector.save(Path(args.out))
         print(f"wrote {path} ({vector.vector_id})", file=sys.stderr)
+        return 0
+
+    parser.set_defaults(handler=run)
+
+
+# ---------------------------------------------------------------------- fit-gate
+def add_fit_gate(sub: Any) -> None:
+    parser = sub.add_parser(
+        "fit-gate", help="refit the harm gate of a vector file on the bundled data (the vector itself is kept)"
+    )
+    parser.add_argument("--model", default=None, help="hub id or directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--vector", required=True, help="the safety vector file whose gate is refitted")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--layer", type=int, default=None, help="the gate's layer (default: best cross-validated)")
+    parser.add_argument("--l2", type=float, default=None, help="the probe's L2 penalty (default: 0.003)")
+
+    def run(args: argparse.Namespace) -> int:
+        from ..method.vector import SafetyVector
+        from ..models.loading import load_model_and_tokenizer
+        from ..training.gate_fit import with_fitted_gate
+
+        vector = SafetyVector.load(args.vector)  # before loading the model
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        refitted = with_fitted_gate(vector, model, tokenizer, layer=args.layer, l2=args.l2, progress=True)
+        path = refitted.save(Path(args.out))
+        gate = refitted.metadata["gate"]
+        print(
+            f"wrote {path} ({refitted.vector_id}; gate layer {gate['layer']}, cross-validated AUC {gate['cv_auc']})",
+            file=sys.stderr,
+        )
         return 0
 
     parser.set_defaults(handler=run)

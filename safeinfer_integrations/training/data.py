@@ -17,17 +17,28 @@ does not depend on file order, on a seed, or on which Python runs it:
   what is asked rather than how it is worded.
 - ``benign_requests.jsonl`` per kind (50 ordinary, 50 sensitive-sounding imperative requests, a few with their
   own context): 33 ``gate``, 17 ``calibration``. So the gate does not read "an imperative" as "harmful".
+- ``harmful_agent_requests.jsonl`` (4 per category): harmful commands to an assistant that can act (send,
+  post, order, install, track): 3 ``build`` (harmful side of the harm gate's fit), 1 ``calibration``.
+- ``benign_agent_requests.jsonl`` per kind (36 ordinary, 36 sensitive-sounding): commands to an assistant with
+  tools ("Book a table ...", "Kill the node processes on port 3000") and extraction instructions with their
+  own text: 24 ``gate``, 12 ``calibration``. So the gate does not read "do this for me" or "pull these fields
+  out of this text" as harmful. Both agent files feed the harm gate's fit only (`gate_dataset_hash`).
 - ``gate_framings.json``: the ways a gate-fit question is put to the model (a bare chat turn, under a system
   prompt, inside a retrieval-style prompt with a document, under an agent's tool instructions), each applied
   to harmful and benign questions alike so the framing carries no signal (`frame`, `framed_questions`). A
   framing may also hold earlier turns (``history``) and the document most relevant to the question
   (``{relevant}``, `relevant_context`); the shipped file uses neither (docs/design.md says why).
+- ``gate_tool_framings.json``: two more framings for the gate's fit only (`gate_fit_framings`): the question
+  under the system note `ChatSafeInfer` writes when tools are bound and the chat template cannot render them
+  (`runtime.tools.with_tool_prompt`), for two sets of three tools (a personal assistant's, a workstation's).
 
 `gate_harmful_questions` and `gate_benign_questions` are the two sides of every gate fit;
 `held_in_harmful_questions` and `held_in_benign_questions` those of the calibration sweep and of the shipped
 vector's held-in tests.
 
-`dataset_hash` fingerprints the files a vector was built from; it is stored in the vector's metadata.
+`dataset_hash` fingerprints the files a vector was built and calibrated from; it is stored in the vector's
+metadata. `gate_dataset_hash` fingerprints those and the agent files, the harm gate's fit data; it is stored in
+the gate's metadata.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from importlib import resources
 from typing import Any, Literal, Protocol, TypeVar
 
 from ..errors import InvalidInputError, InvalidSettingError
+from ..runtime.tools import with_tool_prompt
 
 HarmfulSplit = Literal["build", "calibration", "evaluation"]
 EverydaySplit = Literal["build", "calibration"]
@@ -58,6 +70,10 @@ _BENIGN_EVERYDAY_COUNTS = (20, 10)  # per kind of 30
 BenignRequestSplit = Literal["gate", "calibration"]
 BENIGN_REQUEST_SPLITS: tuple[str, ...] = ("gate", "calibration")
 _BENIGN_REQUEST_COUNTS = (33, 17)  # per kind of 50
+AgentSplit = Literal["build", "calibration"]
+BenignAgentSplit = Literal["gate", "calibration"]
+_AGENT_COUNTS = (3, 1)  # per category of 4
+_BENIGN_AGENT_COUNTS = (24, 12)  # per kind of 36
 _FILES = (
     "harmful_demos.jsonl",
     "benign_prompts.jsonl",
@@ -66,6 +82,7 @@ _FILES = (
     "benign_requests.jsonl",
     "gate_framings.json",
 )
+_GATE_FILES = _FILES + ("harmful_agent_requests.jsonl", "benign_agent_requests.jsonl", "gate_tool_framings.json")
 
 
 @dataclass(frozen=True)
@@ -176,6 +193,18 @@ def _benign_everyday_splits() -> dict[str, tuple[BenignPrompt, ...]]:
     return _per_group(rows, "kind", "benign_everyday.jsonl", BENIGN_EVERYDAY_SPLITS, _BENIGN_EVERYDAY_COUNTS)
 
 
+@lru_cache(maxsize=1)
+def _agent_splits() -> dict[str, tuple[HarmfulRequest, ...]]:
+    rows = [HarmfulRequest(r["question"], r["category"]) for r in _read("harmful_agent_requests.jsonl")]
+    return _per_group(rows, "category", "harmful_agent_requests.jsonl", EVERYDAY_SPLITS, _AGENT_COUNTS)
+
+
+@lru_cache(maxsize=1)
+def _benign_agent_splits() -> dict[str, tuple[BenignPrompt, ...]]:
+    rows = [BenignPrompt(r["question"], r["kind"], r["category"]) for r in _read("benign_agent_requests.jsonl")]
+    return _per_group(rows, "kind", "benign_agent_requests.jsonl", BENIGN_EVERYDAY_SPLITS, _BENIGN_AGENT_COUNTS)
+
+
 def harmful_demos(split: HarmfulSplit | None = None) -> tuple[HarmfulDemo, ...]:
     """Harmful question -> refusal pairs of one split (None: all 264, file order not kept)."""
     return _pick(_harmful_splits(), split, "harmful")
@@ -201,16 +230,41 @@ def benign_requests(split: BenignRequestSplit | None = None) -> tuple[BenignProm
     return _pick(_benign_request_splits(), split, "benign request")
 
 
+def harmful_agent_requests(split: AgentSplit | None = None) -> tuple[HarmfulRequest, ...]:
+    """Harmful commands to an assistant that can act, of one split (None: all 44)."""
+    return _pick(_agent_splits(), split, "harmful agent request")
+
+
+def benign_agent_requests(split: BenignAgentSplit | None = None) -> tuple[BenignPrompt, ...]:
+    """Benign commands to an assistant with tools and extraction instructions, of one split (None: all 72)."""
+    return _pick(_benign_agent_splits(), split, "benign agent request")
+
+
 def gate_harmful_questions() -> list[str]:
     """The harmful side of a harm gate's fit: the ``build`` demonstrations' questions, then the ``build``
-    everyday-phrased requests."""
-    return [d.question for d in harmful_demos("build") + harmful_everyday("build")]
+    everyday-phrased requests, then the ``build`` agent commands."""
+    return [d.question for d in harmful_demos("build") + harmful_everyday("build") + harmful_agent_requests("build")]
 
 
 def gate_benign_questions() -> list[str]:
     """The benign side of a harm gate's fit: the ``gate`` split of the benign prompts, of the everyday benign
-    questions, then of the benign requests."""
-    return [p.question for p in benign_prompts("gate") + benign_everyday("gate") + benign_requests("gate")]
+    questions, of the benign requests, then of the benign agent requests."""
+    return [
+        p.question
+        for p in benign_prompts("gate")
+        + benign_everyday("gate")
+        + benign_requests("gate")
+        + benign_agent_requests("gate")
+    ]
+
+
+def held_in_agent_questions() -> tuple[list[str], list[str]]:
+    """The held-in (``calibration``) harmful and benign agent requests: the harm gate's held-in check on
+    commands and instructions (the calibration sweep's held-in questions do not include them)."""
+    return (
+        [r.question for r in harmful_agent_requests("calibration")],
+        [p.question for p in benign_agent_requests("calibration")],
+    )
 
 
 def held_in_harmful_questions() -> list[str]:
@@ -260,6 +314,23 @@ def gate_framings() -> tuple[Framing, ...]:
         )
         for f in _framings_file()["framings"]
     )
+
+
+def gate_tool_framings() -> tuple[Framing, ...]:
+    """The tool framings of a gate fit (``gate_tool_framings.json``): a bare question under the tool note
+    `runtime.tools.with_tool_prompt` writes for each file's tools."""
+    text = resources.files("safeinfer_integrations").joinpath("data").joinpath("gate_tool_framings.json")
+    framings = []
+    for f in json.loads(text.read_text(encoding="utf-8"))["framings"]:
+        note = with_tool_prompt([{"role": "user", "content": "{question}"}], f["tools"])[0]["content"]
+        framings.append(Framing(f["name"], note, "{question}"))
+    return tuple(framings)
+
+
+def gate_fit_framings() -> tuple[Framing, ...]:
+    """The framings a harm gate is fitted in: `gate_framings` (also the calibration sweep's), then
+    `gate_tool_framings`."""
+    return gate_framings() + gate_tool_framings()
 
 
 _STOPWORDS = frozenset(
@@ -322,6 +393,17 @@ def dataset_hash() -> str:
     """A short SHA-256 of the bundled files a vector is built and calibrated from."""
     digest = hashlib.sha256()
     for name in _FILES:
+        digest.update(name.encode())
+        digest.update(resources.files("safeinfer_integrations").joinpath("data").joinpath(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def gate_dataset_hash() -> str:
+    """A short SHA-256 of the bundled files the harm gate is fitted from (`dataset_hash`'s and the agent
+    requests)."""
+    digest = hashlib.sha256()
+    for name in _GATE_FILES:
         digest.update(name.encode())
         digest.update(resources.files("safeinfer_integrations").joinpath("data").joinpath(name).read_bytes())
     return digest.hexdigest()[:16]

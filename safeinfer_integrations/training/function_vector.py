@@ -11,8 +11,8 @@ Steps (docs/vectors.md explains each choice):
    first tokens of the build split's answers (" I", " Sor"(ry), " That", ...), since answers vary.
 4. FV = sum over the top ``heads`` heads of the output projection of each head's block.
 5. A harm gate fitted on harmful (build splits) vs benign (gate splits) questions, everyday-phrased ones and
-   benign requests included, each put in every framing of `data.gate_framings` (`data.gate_harmful_questions`,
-   `data.gate_benign_questions`, `gate_fit.fit_gate`).
+   benign requests included, each put in every framing of `data.gate_fit_framings` (`data.gate_harmful_questions`,
+   `data.gate_benign_questions`, `gate_fit.fit_bundled_gate`).
 
 Deterministic given the seed. For the default model, layer and scale default to the calibrated choice in
 ``vectors/fv/calibration.json`` (the shipped function vector, ``vectors/fv/SmolLM2-135M-Instruct.safetensors``,
@@ -39,7 +39,7 @@ from ..models.architecture import model_shape
 from ..models.batching import pad_id_of
 from . import data
 from .defaults import calibrated_choice, default_setting
-from .gate_fit import GateFit, fit_gate
+from .gate_fit import GateFit, fit_bundled_gate
 from .heads import capture_head_means, function_vector, indirect_effects, target_probability, top_heads
 
 BUILDER_VERSION = "1.0"
@@ -104,7 +104,7 @@ def build_vector(
     ``shots`` the demonstrations per prompt. ``gate``: True fits a harm gate (step 5), False ships none, a
     `HarmGate` is used as given (with ``gate_metadata`` recorded as its description), e.g. the identical fit
     already made for another vector of the same model and data. ``framings``: those the gate is fitted in
-    (None: `data.gate_framings`)."""
+    (None: `data.gate_fit_framings`)."""
     from ..models.loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
 
     started = time.perf_counter()
@@ -157,16 +157,9 @@ def build_vector(
     best = top_heads(effects, heads)
     fv = function_vector(model, means, [(lay, hd) for lay, hd, _ in best])
 
-    gate_fit = None
-    if gate is True:
-        gate_fit = fit_gate(
-            model,
-            tokenizer,
-            data.gate_harmful_questions(),
-            data.gate_benign_questions(),
-            framings=data.gate_framings() if framings is None else framings,
-            progress=progress,
-        )
+    gate_fit, gate_info = (
+        fit_bundled_gate(model, tokenizer, framings=framings, progress=progress) if gate is True else (None, {})
+    )
     metadata: dict[str, Any] = {
         "model_name": model_name,
         **shape.as_metadata(),
@@ -192,17 +185,7 @@ def build_vector(
         },
     }
     if gate_fit is not None:
-        metadata["gate"] = {
-            "kind": "probe: L2-penalised logistic regression on standardised hidden features",
-            "method": "probe",
-            "layer": gate_fit.gate.layer,
-            "fit_data": "harmful: build splits; benign: gate splits (training.data.gate_*_questions)",
-            "framings": list(gate_fit.framings),
-            "n_harmful": gate_fit.n_harmful,
-            "n_benign": gate_fit.n_benign,
-            "cv_auc": round(gate_fit.layer_auc[gate_fit.gate.layer], 6),
-            "train_accuracy": round(gate_fit.train_accuracy, 6),
-        }
+        metadata["gate"] = gate_info
     given_gate = gate if isinstance(gate, HarmGate) else None
     if given_gate is not None:
         metadata["gate"] = {**(gate_metadata or {}), "source": "given"}

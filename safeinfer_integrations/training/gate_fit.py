@@ -19,6 +19,7 @@ disjoint from anything the gate is evaluated on (see `data`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -34,7 +35,10 @@ from ..models.architecture import context_window, decoder_layers
 from ..models.batching import left_pad, pad_id_of, right_pad
 from ..models.compat import cache_kwarg
 from ..runtime.prompts import PromptFormatter
+from . import data
 from .data import Framing, framed_questions
+
+DEFAULT_PROBE_L2 = 0.003
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,9 @@ def fit_gate_from_hidden(
     if method not in GATE_METHODS:
         raise InvalidSettingError(f"gate method must be one of {', '.join(GATE_METHODS)}; got {method!r}")
     if l2 is None:
-        l2 = 0.003 if method == "probe" else 0.1
+        l2 = DEFAULT_PROBE_L2 if method == "probe" else 0.1
+    if not (math.isfinite(l2) and l2 >= 0):
+        raise InvalidSettingError(f"l2 must be a finite number >= 0; got {l2!r}")
     if harmful.shape[0] != benign.shape[0] or harmful.shape[-1] != benign.shape[-1]:
         raise InvalidInputError("harmful and benign hidden states must have the same layers and hidden size")
     if harmful.shape[1] < 4 or benign.shape[1] < 4:
@@ -254,6 +260,9 @@ def fit_gate_from_hidden(
         )
     n_layers = harmful.shape[0]
     candidates = list(layers) if layers is not None else list(range(max(1, n_layers - 1)))
+    bad = [layer for layer in candidates if not 0 <= layer < n_layers]
+    if bad or not candidates:
+        raise InvalidSettingError(f"gate layer must be in 0..{n_layers - 1}; got {bad or 'none'}")
     harmful, benign = harmful.double(), benign.double()
     half_h, half_b = harmful.shape[1] // 2, benign.shape[1] // 2
     scores = []
@@ -314,11 +323,13 @@ def fit_gate(
     batch_size: int = 16,
     progress: bool = False,
     method: GateMethod = "probe",
+    layers: Sequence[int] | None = None,
+    l2: float | None = None,
 ) -> GateFit:
     """Fit a `HarmGate` on harmful vs benign questions, each put in every one of ``framings``
     (`data.gate_framings`; None: as bare one-turn chats only). The same framings on both sides keep the
     framing from carrying any signal. A framing with a prompt longer than the model's context window is left
-    out (`GateFit.framings` names those used)."""
+    out (`GateFit.framings` names those used). ``layers`` and ``l2`` as in `fit_gate_from_hidden`."""
     if not harmful or not benign:
         raise InvalidInputError("fit_gate needs harmful and benign questions")
     if framings is not None and not framings:
@@ -333,8 +344,66 @@ def fit_gate(
         sequences, used = _fitting_framings(model, tokenizer, questions, framings)
     hidden = last_token_hidden(model, sequences, pad, batch_size=batch_size, progress=progress)
     split = len(harmful) * max(1, len(used))
-    fit = fit_gate_from_hidden(hidden[:, :split], hidden[:, split:], floor=floor, method=method)
+    fit = fit_gate_from_hidden(hidden[:, :split], hidden[:, split:], floor=floor, method=method, layers=layers, l2=l2)
     return replace(fit, framings=tuple(f.name for f in used))
+
+
+def fit_bundled_gate(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    framings: Sequence[Framing] | None = None,
+    layer: int | None = None,
+    l2: float | None = None,
+    progress: bool = False,
+) -> tuple[GateFit, dict[str, Any]]:
+    """The harm gate's fit on the bundled data (`data.gate_harmful_questions` against
+    `data.gate_benign_questions`, each in every one of ``framings``; None: `data.gate_fit_framings`), and its
+    description for the vector's metadata. ``layer`` (None: the best cross-validated one) and ``l2`` (None:
+    `fit_gate_from_hidden`'s default) as in `fit_gate`. Both vector builders and ``safeinfer fit-gate`` use it."""
+    fit = fit_gate(
+        model,
+        tokenizer,
+        data.gate_harmful_questions(),
+        data.gate_benign_questions(),
+        framings=data.gate_fit_framings() if framings is None else framings,
+        layers=None if layer is None else [layer],
+        l2=l2,
+        progress=progress,
+    )
+    metadata = {
+        "source": "fitted",
+        "method": "probe",
+        "layer": fit.gate.layer,
+        "layer_choice": "cross-validated" if layer is None else "given",
+        "l2": DEFAULT_PROBE_L2 if l2 is None else l2,
+        "cv_auc": round(fit.layer_auc[fit.gate.layer], 4),
+        "train_accuracy": round(fit.train_accuracy, 4),
+        "n_harmful": fit.n_harmful,
+        "n_benign": fit.n_benign,
+        "fit_data": "harmful: build splits; benign: gate splits (training.data.gate_*_questions)",
+        "framings": list(fit.framings),
+        "dataset_hash": data.gate_dataset_hash(),
+    }
+    return fit, metadata
+
+
+def with_fitted_gate(
+    vector: SafetyVector,
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    layer: int | None = None,
+    l2: float | None = None,
+    progress: bool = False,
+) -> SafetyVector:
+    """``vector`` with a harm gate fitted anew on the bundled data (`fit_bundled_gate`; ``safeinfer fit-gate``):
+    the steering vector, layer, scale and other metadata are kept, the gate and its description replaced (a new
+    ``vector_id``). The vector must fit ``model``."""
+    vector.check(model)
+    fit, description = fit_bundled_gate(model, tokenizer, layer=layer, l2=l2, progress=progress)
+    metadata = {**vector.metadata, "gate": {**description, "previous_vector_id": vector.vector_id}}
+    return SafetyVector(vector.vector, layer=vector.layer, scale=vector.scale, metadata=metadata, gate=fit.gate)
 
 
 def _fitting_framings(

@@ -35,7 +35,7 @@ from ..models.architecture import model_shape, steering_module
 from ..models.batching import left_pad, pad_id_of
 from . import data
 from .defaults import calibrated_choice, default_setting
-from .gate_fit import fit_gate
+from .gate_fit import fit_bundled_gate
 
 OPTIMIZER_VERSION = "1"
 
@@ -75,7 +75,7 @@ def optimize_vector(
     ``gate`` when given (its metadata describes it by ``gate_metadata``), else (with ``fit_harm_gate``) a probe
     gate fitted on `data.gate_harmful_questions` against `data.gate_benign_questions` (the build and gate
     splits, everyday-phrased questions and benign requests included), each put in every one of ``framings``
-    (None: `data.gate_framings`; `gate_fit.fit_gate`), else no gate."""
+    (None: `data.gate_fit_framings`; `gate_fit.fit_bundled_gate`), else no gate."""
     model, tokenizer = engine.model, engine.tokenizer
     shape = model_shape(model)
     if not 0 <= layer < shape.num_layers:
@@ -139,26 +139,8 @@ def optimize_vector(
             parameter.requires_grad_(flag)
     gate_info: dict[str, Any] = {**(gate_metadata or {}), "source": "given"} if gate is not None else {"source": "none"}
     if gate is None and fit_harm_gate:
-        fit = fit_gate(
-            model,
-            tokenizer,
-            data.gate_harmful_questions(),
-            data.gate_benign_questions(),
-            framings=data.gate_framings() if framings is None else framings,
-            progress=progress,
-        )
+        fit, gate_info = fit_bundled_gate(model, tokenizer, framings=framings, progress=progress)
         gate = fit.gate
-        gate_info = {
-            "source": "fitted",
-            "method": "probe",
-            "layer": gate.layer,
-            "cv_auc": round(fit.layer_auc[gate.layer], 4),
-            "train_accuracy": round(fit.train_accuracy, 4),
-            "n_harmful": fit.n_harmful,
-            "n_benign": fit.n_benign,
-            "fit_data": "harmful: build splits; benign: gate splits (training.data.gate_*_questions)",
-            "framings": list(fit.framings),
-        }
     metadata = {
         "method": "optimized",
         "model_name": engine.model_name,

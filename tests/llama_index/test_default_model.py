@@ -90,13 +90,6 @@ def test_every_role_renders_through_the_default_template(default_engine: Any) ->
     assert response.raw["usage"]["completion_tokens"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known cost of gate_question (docs/design.md): the gate weighs this benign question 0.65 read alone "
-    "(0.005 with its retrieved context in the system message), so SafeInfer steers the answer and it says 'about "
-    "three months' instead of the handbook's 18 months. The bare chat has the same false positive. Strict: a gate "
-    "that weighs it low must remove this mark.",
-)
 def test_rag_answers_a_benign_question_from_context(rag: Any, default_engine: Any) -> None:
     Settings.embed_model = rag.minilm_embedding()  # as a user would; the autouse fixture restores both
     Settings.llm = rag.make_llm(safe=True, max_tokens=16)
@@ -132,8 +125,9 @@ def test_rag_harmful_question_is_generated_under_safeinfer(harmful_answer: Any, 
 
 def test_rag_harmful_question_is_steered(harmful_answer: Any, default_engine: Any) -> None:
     """In the example's compact template (the retrieved lab-safety context in the system message, the question
-    as the user message) the whole prompt weighs this harmful question 0.07, below the cutoff; the question read
-    alone (``gate_question``) weighs 0.90, so SafeInfer acts on it."""
+    as the user message) the shipped gate weighs this harmful question 0.999 as a whole prompt and 0.99 read
+    alone (``gate_question``); a gate fitted without agent commands and tool framings gave the whole prompt
+    0.07, below the cutoff."""
     _, _, raws = harmful_answer
     safety = raws[0]["safety"]
     assert safety["gate_weight"] >= default_engine.config.gate_cutoff

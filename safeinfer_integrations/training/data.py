@@ -388,22 +388,23 @@ def framed_questions(questions: Sequence[str], framings: Sequence[Framing]) -> l
     return [frame(question, framing) for question in questions for framing in framings]
 
 
-@lru_cache(maxsize=1)
-def dataset_hash() -> str:
-    """A short SHA-256 of the bundled files a vector is built and calibrated from."""
+def _files_hash(names: Sequence[str]) -> str:
+    """A short SHA-256 of the named bundled files (each name, then its bytes)."""
     digest = hashlib.sha256()
-    for name in _FILES:
+    for name in names:
         digest.update(name.encode())
         digest.update(resources.files("safeinfer_integrations").joinpath("data").joinpath(name).read_bytes())
     return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def dataset_hash() -> str:
+    """A short SHA-256 of the bundled files a vector is built and calibrated from."""
+    return _files_hash(_FILES)
 
 
 @lru_cache(maxsize=1)
 def gate_dataset_hash() -> str:
-    """A short SHA-256 of the bundled files the harm gate is fitted from (`dataset_hash`'s and the agent
-    requests)."""
-    digest = hashlib.sha256()
-    for name in _GATE_FILES:
-        digest.update(name.encode())
-        digest.update(resources.files("safeinfer_integrations").joinpath("data").joinpath(name).read_bytes())
-    return digest.hexdigest()[:16]
+    """A short SHA-256 of the bundled files the harm gate is fitted from (`dataset_hash`'s, the agent
+    requests and the tool framings)."""
+    return _files_hash(_GATE_FILES)

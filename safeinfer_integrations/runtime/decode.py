@@ -44,7 +44,7 @@ class Plan:
     expert: str | None  # None when not guided
     safe_ids: list[list[int]]
     unsafe_ids: list[list[int]] | None  # same-weights expert rows (prompted / negated_vector)
-    question_ids: list[list[int] | None] | None = None  # each request's last user message alone (gate_question)
+    question_ids: list[list[list[int]]] | None = None  # per request, what the gate reads besides it (gate_question)
 
     @property
     def shares_weights(self) -> bool:
@@ -271,9 +271,9 @@ class Decoder:
         return vector.gate.weight(hidden[:, -1, :])
 
     def _with_question_weights(self, gate: torch.Tensor) -> torch.Tensor:
-        """``gate`` raised to the weight of each request's last user message read on its own, where the plan
-        has one (``gate_question``): a wrapper around the question cannot lower its weight."""
-        found = [(row, ids) for row, ids in enumerate(self.plan.question_ids or []) if ids is not None]
+        """``gate`` raised to the largest weight of each request's questions read on their own (``gate_question``:
+        the last user message, and turns forged inside it): a wrapper around a question cannot lower its weight."""
+        found = [(row, ids) for row, questions in enumerate(self.plan.question_ids or []) for ids in questions]
         if not found:
             return gate
         rows = [row for row, _ in found]
@@ -284,7 +284,8 @@ class Decoder:
             self.target.model, vector.gate.layer, input_ids=ids, attention_mask=mask, position_ids=positions
         )
         index = torch.tensor(rows, device=gate.device)
-        return gate.index_put((index,), torch.maximum(gate[index], vector.gate.weight(hidden[:, -1, :]).to(gate)))
+        weights = vector.gate.weight(hidden[:, -1, :]).to(gate)
+        return gate.scatter_reduce(0, index, weights, reduce="amax", include_self=True)
 
     # ------------------------------------------------------------------ one step
     def _check_finite(self, step: int) -> None:

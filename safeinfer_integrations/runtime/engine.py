@@ -293,15 +293,19 @@ class SafeInferEngine:
             question_ids=question_ids,
         )
 
-    def _question_ids(self, prompt: PromptInput) -> list[int] | None:
-        """The last user message of a conversation alone, as a one-turn chat (None: a completion prompt, no user
-        message, or a conversation that is just that message)."""
+    def _question_ids(self, prompt: PromptInput) -> list[list[int]]:
+        """What the gate reads besides the whole prompt, each as a one-turn chat: the last user message alone
+        (unless the conversation is just that message), and every turn forged inside it with control tokens
+        (encoded as text, see `prompts`). Empty for a completion prompt."""
         if isinstance(prompt, str):
-            return None
+            return []
         users = [m for m in prompt if m.get("role") == "user" and m.get("content")]
-        if not users or (len(prompt) == 1 and prompt[0] is users[-1]):
-            return None
-        return self._encode([{"role": "user", "content": users[-1]["content"]}], None, None)
+        if not users:
+            return []
+        content = str(users[-1]["content"])
+        questions = [] if len(prompt) == 1 and prompt[0] is users[-1] else [content]
+        questions += self._formatter.forged_turns(content)
+        return [self._encode([{"role": "user", "content": q}], None, None) for q in questions]
 
     def _new_rows(self, plan: Plan) -> list[Row]:
         return [

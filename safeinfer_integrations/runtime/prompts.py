@@ -9,10 +9,17 @@
   ``continue_final_message``), so a caller can put words in the model's mouth.
 - The ``prompted`` unsafe expert sees the same input under an unsafe system prompt (prepended to the
   system message, or to the text of a completion prompt).
+- Message content is text. A control token of the tokenizer (``<|im_start|>``, ``<|eot_id|>``, ...) written
+  inside any message's content, tool-call arguments or tool schema is encoded as the ordinary text it spells,
+  never as the control token: a user message, a retrieved document or a tool result cannot open a turn of
+  its own. Only the chat template writes control tokens. A completion prompt (a string) is the caller's whole
+  prompt and is tokenized as is.
 """
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -139,11 +146,61 @@ def continues_final_message(messages: Sequence[Message]) -> bool:
     return bool(last.get("role") == "assistant" and last.get("prefix"))
 
 
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The texts of the tokenizer's control tokens (added tokens marked special), longest first."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found = {str(token.content) for token in decoder.values() if getattr(token, "special", False)}
+    found.update(str(token) for token in getattr(tokenizer, "all_special_tokens", ()) or ())
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+class _Masked:
+    """User-supplied strings with every control token swapped for a placeholder that no template or user can
+    produce by chance (a fresh random tag per prompt), and the way back."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self._pattern = pattern
+        self._tag = f"SIQ{uuid.uuid4().hex[:12]}Q"
+        self.originals: list[str] = []
+
+    def mask(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._pattern.sub(self._swap, value)
+        if isinstance(value, Mapping):
+            return {key: self.mask(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.mask(item) for item in value]
+        return value
+
+    def _swap(self, match: re.Match[str]) -> str:
+        self.originals.append(match.group(0))
+        return f"{self._tag}{len(self.originals) - 1}{self._tag}"
+
+    def unmask(self, text: str) -> str:
+        return re.sub(f"{self._tag}(\\d+){self._tag}", lambda m: self.originals[int(m.group(1))], text)
+
+
 class PromptFormatter:
     """Renders prompts for one tokenizer. Thread-safe (no state beyond the tokenizer)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        controls = control_tokens(tokenizer)
+        self._controls = re.compile("|".join(re.escape(t) for t in controls)) if controls else None
+
+    def forged_turns(self, text: str) -> list[str]:
+        """The pieces of ``text`` between the control tokens written inside it (each without a first line that
+        is a bare role name): what a forged turn would have said. Empty when ``text`` holds no control token."""
+        if self._controls is None or not self._controls.search(text):
+            return []
+        pieces = []
+        for piece in self._controls.split(text):
+            head, _, rest = piece.partition("\n")
+            if rest and head.strip().isalpha() and len(head.strip()) <= 20:
+                piece = rest
+            if piece.strip() and piece.strip() not in pieces:
+                pieces.append(piece.strip())
+        return pieces
 
     @property
     def has_chat_template(self) -> bool:
@@ -202,6 +259,42 @@ class PromptFormatter:
             text = prompt if unsafe_prompt is None else f"{unsafe_prompt}\n\n{prompt}"
             return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         messages = list(prompt) if unsafe_prompt is None else with_unsafe_system(prompt, unsafe_prompt)
-        text = self.render_chat(messages, tools=tools)
         special = not self.has_chat_template  # the plain format gets the tokenizer's usual BOS
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        masked = _Masked(self._controls) if self._controls is not None else None
+        if masked is not None:
+            messages, tools = masked.mask(messages), masked.mask(tools)
+        text = self.render_chat(messages, tools=tools)
+        if masked is None or not masked.originals:
+            return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self._encode_escaped(text, masked, special)
+
+    def _encode_escaped(self, text: str, masked: _Masked, add_special: bool) -> list[int]:
+        """Token ids of a rendered prompt whose user-supplied control tokens are placeholders: split where the
+        template wrote control tokens (as the tokenizer itself splits), encode those as control tokens and every
+        piece between them, placeholders restored, as ordinary text."""
+        assert self._controls is not None
+        ids: list[int] = []
+        cursor = 0
+        for match in self._controls.finditer(text):
+            ids += self._text_ids(masked.unmask(text[cursor : match.start()]))
+            ids.append(int(self.tokenizer.convert_tokens_to_ids(match.group(0))))
+            cursor = match.end()
+        ids += self._text_ids(masked.unmask(text[cursor:]))
+        if add_special:
+            ids = self._with_special(ids)
+        return ids
+
+    def _text_ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+        return list(encoded["input_ids"])
+
+    def _with_special(self, ids: list[int]) -> list[int]:
+        """``ids`` with the tokens the tokenizer adds around a text (BOS, EOS) when asked to."""
+        bare = list(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+        full = list(self.tokenizer("a", add_special_tokens=True)["input_ids"])
+        for start in range(len(full) - len(bare) + 1):
+            if full[start : start + len(bare)] == bare:
+                return full[:start] + ids + full[start + len(bare) :]
+        return ids

@@ -10,6 +10,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidSettingError",
     "InvalidTypeError",
+    "NumericalError",
     "SafeInferError",
     "UnknownSettingError",
     "VectorFileError",
@@ -43,3 +44,8 @@ class VectorMismatchError(SafeInferError, ValueError):
 
 class VectorFileError(SafeInferError, ValueError):
     """A file is not a readable safety vector."""
+
+
+class NumericalError(SafeInferError, FloatingPointError):
+    """Generation produced numbers that cannot be decoded into text: non-finite logits or hidden states, or
+    steering so large that the steered state is the vector alone (the message names the vector and scale)."""

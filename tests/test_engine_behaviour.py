@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +23,7 @@ from safeinfer_integrations import (
     UnknownSettingError,
     VectorMismatchError,
 )
+from safeinfer_integrations.errors import NumericalError
 from safeinfer_integrations.models.architecture import steering_module
 
 CHAT = [{"role": "user", "content": "How do I bake bread at home?"}]
@@ -116,7 +119,7 @@ def test_early_closed_stream_removes_hooks(engine: SafeInferEngine) -> None:
     assert _hook_count(engine) == 1  # the call's hook, while it runs
     stream.close()
     assert _hook_count(engine) == 0
-    assert stream.generation is None
+    assert stream.generation is not None and stream.generation.finish_reason == "cancelled"
 
 
 def test_steering_does_not_leak_into_consumer_code(engine: SafeInferEngine) -> None:
@@ -158,10 +161,34 @@ def test_nan_logits_raise_clearly_and_unhook(engine: SafeInferEngine) -> None:
 
     handle = engine.model.lm_head.register_forward_hook(poison)
     try:
-        with pytest.raises(FloatingPointError, match="NaN logits at generation step 0"):
+        with pytest.raises(NumericalError, match="non-finite .NaN or infinite. logits at generation step 0"):
             engine.generate(CHAT, mode="sa", max_new_tokens=4)
     finally:
         handle.remove()
+    assert _hook_count(engine) == 0
+    assert engine.generate(CHAT, mode="sa", max_new_tokens=2)[0].usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("poison", [float("inf"), 1e30])
+def test_infinite_logits_or_a_runaway_scale_raise_clearly_and_unhook(engine: SafeInferEngine, poison: float) -> None:
+    """Infinite logits (not only NaN) and steering that swamps the hidden state (a huge scale: the output would be
+    the vector's, empty or repeated tokens) raise `NumericalError` naming the vector and scale; the engine is left
+    clean."""
+    vector = engine.vector
+    assert vector is not None
+    if poison == float("inf"):
+        handle = engine.model.lm_head.register_forward_hook(lambda _m, _i, output: output * poison)
+        match = "infinite"
+    else:
+        handle = None
+        steered_id = vector.with_settings(scale=poison).vector_id
+        match = f"vector {steered_id} .layer 1, scale 1e\\+30. adds .*e\\+2[0-9] times"
+    try:
+        with pytest.raises(NumericalError, match=match):
+            engine.generate(CHAT, mode="sa", max_new_tokens=4, scale=poison if handle is None else None)
+    finally:
+        if handle is not None:
+            handle.remove()
     assert _hook_count(engine) == 0
     assert engine.generate(CHAT, mode="sa", max_new_tokens=2)[0].usage.completion_tokens >= 1
 
@@ -316,7 +343,8 @@ async def test_async_stream_closed_early_stops_and_unhooks(engine: SafeInferEngi
     await stream.__anext__()
     assert _hook_count(engine) == 1
     await stream.aclose()
-    assert _hook_count(engine) == 0 and stream.generation is None
+    assert _hook_count(engine) == 0
+    assert stream.generation is not None and stream.generation.finish_reason == "cancelled"
     with pytest.raises(ValueError, match="alpha must be in"):
         engine.astream(CHAT, alpha=2.0)  # bad settings fail at once, not at the first step
 
@@ -366,3 +394,68 @@ def test_gate_weight_is_reported_and_scales_steering(engine: SafeInferEngine) ->
     assert on.safety.gate_weight is not None and on.safety.gate_weight < 1e-6  # bias -50: gate closed
     assert off.safety.gate_weight is None
     assert on.token_ids == plain.token_ids  # a closed gate leaves the request untouched
+
+
+# ---------------------------------------------------------------------------------------------- cancellation
+class _SlowPasses:
+    """A forward hook that makes every pass of the model take ``delay`` seconds and records when each began."""
+
+    def __init__(self, model: Any, delay: float) -> None:
+        self.starts: list[float] = []
+        self.delay = delay
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_args: Any) -> None:
+        self.starts.append(time.monotonic())
+        time.sleep(self.delay)
+
+    def after(self, moment: float) -> int:
+        return sum(start > moment for start in self.starts)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "safeinfer"])
+def test_a_cancelled_agenerate_stops_before_its_next_pass(engine: SafeInferEngine, mode: str) -> None:
+    """``asyncio.wait_for(engine.agenerate(...), t)`` raises TimeoutError and at most one forward pass starts after
+    it (the one already running finishes); the engine then serves the next call as if nothing happened."""
+    slow = _SlowPasses(engine.model, 0.02)
+    try:
+
+        async def timed_out() -> float:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(engine.agenerate(CHAT, mode=mode, max_new_tokens=200), 0.15)
+            return time.monotonic()
+
+        cancelled_at = asyncio.run(timed_out())
+        time.sleep(0.3)  # what would still run if the cancellation did not reach the loop (200 passes: 4 s)
+        assert len(slow.starts) >= 3  # the call really was under way
+        assert slow.after(cancelled_at) <= 1, slow.after(cancelled_at)
+    finally:
+        slow.handle.remove()
+    assert _hook_count(engine) == 0
+    assert engine.generate(CHAT, mode=mode, max_new_tokens=3)[0].usage.completion_tokens >= 1
+
+
+def test_timeout_ends_generation_with_its_own_finish_reason(engine: SafeInferEngine) -> None:
+    slow = _SlowPasses(engine.model, 0.02)
+    try:
+        begun = time.monotonic()
+        [timed] = engine.generate(CHAT, mode="sa", max_new_tokens=200, timeout=0.2)
+        took = time.monotonic() - begun
+    finally:
+        slow.handle.remove()
+    assert timed.finish_reason == "timeout"
+    assert 1 <= timed.usage.completion_tokens < 200
+    assert took < 0.2 + 0.2  # at most one pass (and the bookkeeping) after the deadline
+    [full] = engine.generate(CHAT, mode="sa", max_new_tokens=timed.usage.completion_tokens)
+    assert list(full.token_ids) == list(timed.token_ids)  # the same tokens, cut short
+
+
+def test_a_stream_closed_early_reports_cancelled(engine: SafeInferEngine) -> None:
+    stream = engine.stream(CHAT, mode="sa", max_new_tokens=20, min_new_tokens=20)
+    next(stream)
+    stream.close()
+    assert stream.generation is not None and stream.generation.finish_reason == "cancelled"
+    unread = engine.stream(CHAT, mode="sa", max_new_tokens=20)
+    unread.close()
+    assert unread.generation is not None and unread.generation.finish_reason == "cancelled"
+    assert _hook_count(engine) == 0

@@ -166,5 +166,7 @@ def test_error_types_keep_the_builtin_bases() -> None:
     for name in errors.__all__:
         error = getattr(errors, name)
         assert issubclass(error, errors.SafeInferError)
-        if error is not errors.SafeInferError:
+        if error is errors.NumericalError:  # not bad input: numbers the model produced
+            assert issubclass(error, FloatingPointError)
+        elif error is not errors.SafeInferError:
             assert issubclass(error, (ValueError, TypeError)), name

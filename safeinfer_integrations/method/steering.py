@@ -25,12 +25,21 @@ from ..models.architecture import steering_module
 _ACTIVE: ContextVar[tuple[Steerer, torch.Tensor] | None] = ContextVar("safeinfer_steering", default=None)
 
 
-class Steerer:
-    """One call's steering: the vector and the module it is added to."""
+# Steering whose addition is this many times the norm of the hidden state it is added to leaves nothing of the
+# prompt in that state: the output is garbage (the shipped vector adds about 0.9x; 10x already gives empty lines).
+MAX_STEERING_RATIO = 100.0
 
-    def __init__(self, module: nn.Module, vector: torch.Tensor) -> None:
+
+class Steerer:
+    """One call's steering: the vector and the module it is added to. ``label`` names the vector, layer and scale
+    in errors. The first steered pass (the prefill) checks that the steered state is finite and not swamped by
+    the vector (`MAX_STEERING_RATIO`), so a runaway scale fails loudly instead of producing garbage text."""
+
+    def __init__(self, module: nn.Module, vector: torch.Tensor, label: str = "the safety vector") -> None:
         self.module = module
         self.vector = vector
+        self.label = label
+        self._checked = False
 
     def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> Any:
         active = _ACTIVE.get()
@@ -41,9 +50,25 @@ class Steerer:
         delta = coef.to(hidden.dtype)[:, None] * self.vector.to(hidden.dtype)[None, :]
         steered = hidden.clone()
         steered[:, -1, :] = steered[:, -1, :] + delta
+        if not self._checked:
+            self._checked = True
+            self._check(hidden[:, -1, :], delta, steered[:, -1, :])
         if isinstance(output, tuple):
             return (steered, *output[1:])
         return steered
+
+    def _check(self, hidden: torch.Tensor, delta: torch.Tensor, steered: torch.Tensor) -> None:
+        from ..errors import NumericalError
+
+        if not bool(torch.isfinite(steered).all()):
+            raise NumericalError(f"steering with {self.label} made the hidden state non-finite; lower the scale")
+        ratio = delta.double().norm(dim=-1) / hidden.double().norm(dim=-1).clamp_min(1e-6)
+        if bool((ratio > MAX_STEERING_RATIO).any()):
+            raise NumericalError(
+                f"steering with {self.label} adds {float(ratio.max()):.3g} times the norm of the hidden state it "
+                f"steers (at most {MAX_STEERING_RATIO:g} is allowed: beyond it the output is the vector's, not the "
+                "model's); lower the scale"
+            )
 
     @contextmanager
     def active(self, coef: torch.Tensor) -> Iterator[None]:
@@ -56,11 +81,11 @@ class Steerer:
 
 
 @contextmanager
-def attach(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterator[Steerer]:
+def attach(model: nn.Module, layer: int, vector: torch.Tensor, label: str = "the safety vector") -> Iterator[Steerer]:
     """Register the steering hook on ``layer`` for the duration of the block; always removed."""
     module = steering_module(model, layer)
     param = next(model.parameters())
-    steerer = Steerer(module, vector.to(param.device))
+    steerer = Steerer(module, vector.to(param.device), label)
     handle = module.register_forward_hook(steerer._hook)  # registered before the try: nothing half-done
     try:
         yield steerer

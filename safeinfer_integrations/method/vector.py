@@ -135,24 +135,34 @@ class SafetyVector:
             raise FileNotFoundError(f"no safety vector at {path}")
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+            raise VectorFileError(f"{path} is not a readable safetensors file ({error})") from error
         if header.get("format") != "safeinfer-vector":
             raise VectorFileError(f"{path} is not a safeinfer vector file (format={header.get('format')!r})")
-        tensors = load_file(str(path))
-        gate = None
-        if "gate" in header:
-            spec = json.loads(header["gate"])
-            gate = HarmGate(
-                direction=tensors["gate_direction"],
-                layer=int(spec["layer"]),
-                bias=float(spec["bias"]),
-                floor=float(spec["floor"]),
+        try:
+            tensors = load_file(str(path))
+            gate = None
+            if "gate" in header:
+                spec = json.loads(header["gate"])
+                gate = HarmGate(
+                    direction=tensors["gate_direction"],
+                    layer=int(spec["layer"]),
+                    bias=float(spec["bias"]),
+                    floor=float(spec["floor"]),
+                )
+            return cls(
+                vector=tensors["vector"],
+                layer=int(header["layer"]),
+                scale=float(header["scale"]),
+                metadata=json.loads(header.get("metadata", "{}")),
+                gate=gate,
             )
-        return cls(
-            vector=tensors["vector"],
-            layer=int(header["layer"]),
-            scale=float(header["scale"]),
-            metadata=json.loads(header.get("metadata", "{}")),
-            gate=gate,
-        )
+        except KeyError as error:
+            raise VectorFileError(
+                f"{path} lacks {error} (a safeinfer vector file holds 'vector', its layer and scale)"
+            ) from error
+        except (ValueError, TypeError) as error:
+            raise VectorFileError(f"{path} holds an unusable safety vector: {error}") from error

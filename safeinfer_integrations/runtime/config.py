@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import InvalidSettingError, UnknownSettingError
 
@@ -51,7 +51,7 @@ class _Settings(BaseModel):
     """Frozen, validated settings whose bad values raise `InvalidSettingError` (an unknown name
     `UnknownSettingError`) with the validators' messages, instead of pydantic's ``ValidationError``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)  # no "0.5" for 0.5, no True for 1
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -170,6 +170,9 @@ class SamplingSettings(_Settings):
     ``temperature=0`` (the default) is greedy. ``top_k=0`` and ``top_p=1`` switch those filters off.
     ``stop`` strings may span several tokens; the text is cut before the first one found.
     ``min_new_tokens`` (as in transformers) forbids the end-of-sequence tokens before that many new tokens.
+    ``timeout`` (seconds) ends generation with finish reason ``timeout`` once that much time has passed since
+    the call began (checked before every forward pass, so at most one pass runs after it); None: no limit.
+    ``seed`` is in [0, 2**63).
     """
 
     max_new_tokens: int = 256
@@ -179,6 +182,7 @@ class SamplingSettings(_Settings):
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    timeout: float | None = None
 
     @field_validator("max_new_tokens", "min_new_tokens")
     @classmethod
@@ -202,6 +206,28 @@ class SamplingSettings(_Settings):
             raise ValueError(f"top_p must be in (0, 1]; got {value!r}")
         return value
 
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, value: int | None) -> int | None:
+        if value is not None and not (0 <= value < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63) or None; got {value!r}")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, or None; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> SamplingSettings:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
     @field_validator("top_k")
     @classmethod
     def _check_top_k(cls, value: int) -> int:
@@ -216,6 +242,8 @@ class SamplingSettings(_Settings):
             return ()
         if isinstance(value, str):
             value = (value,)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings; got {value!r}")
         value = tuple(value)
         for item in value:
             if not isinstance(item, str) or item == "":

@@ -14,6 +14,8 @@ every cache by one token.
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from ..errors import NumericalError
 from ..method.guidance import guidance_weight, select_tokens, sgds_scores
 from ..method.refusal import ends_refusal
 from ..method.steering import Steerer, hidden_after_layer
@@ -45,6 +48,8 @@ class Plan:
     safe_ids: list[list[int]]
     unsafe_ids: list[list[int]] | None  # same-weights expert rows (prompted / negated_vector)
     question_ids: list[list[list[int]]] | None = None  # per request, what the gate reads besides it (gate_question)
+    cancel: threading.Event | None = None  # set by the caller (a cancelled async call): stop before the next pass
+    deadline: float | None = None  # time.monotonic() after which no forward pass starts (``timeout``)
 
     @property
     def shares_weights(self) -> bool:
@@ -156,6 +161,16 @@ class Decoder:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Iterator[tuple[int, str]]:
+        try:
+            yield from self._loop()
+        except GeneratorExit:  # the consumer closed the stream early
+            self._finish_active("cancelled")
+            raise
+
+    def _loop(self) -> Iterator[tuple[int, str]]:
+        if self._interrupted():
+            yield from self._finish_active(self._interrupted())  # type: ignore[arg-type]
+            return
         with torch.inference_mode():
             self._start()
         step = 0
@@ -173,9 +188,35 @@ class Decoder:
             step += 1
             if len(finished) == len(self.active):
                 return
+            reason = self._interrupted()
+            if reason is not None:
+                self.active = [index for slot, index in enumerate(self.active) if slot not in finished]
+                yield from self._finish_active(reason)
+                return
             with torch.inference_mode():
                 tokens = self._drop(finished, chosen) if finished else chosen
                 self._advance(tokens)
+
+    def _interrupted(self) -> FinishReason | None:
+        """Why no further forward pass may start: the caller cancelled, or the call's time is up."""
+        if self.plan.cancel is not None and self.plan.cancel.is_set():
+            return "cancelled"
+        if self.plan.deadline is not None and time.monotonic() >= self.plan.deadline:
+            return "timeout"
+        return None
+
+    def _finish_active(self, reason: FinishReason) -> list[tuple[int, str]]:
+        """End every row still generating with ``reason``; return (row, text it still held back) pieces."""
+        tails = []
+        for index in self.active:
+            row = self.rows[index]
+            if row.finish_reason is None:
+                row.finish_reason = reason
+                tail = row.tracker.finish()
+                if tail:
+                    tails.append((index, tail))
+        self.active = []
+        return tails
 
     # ------------------------------------------------------------------ prefill
     def _start(self) -> None:
@@ -290,11 +331,14 @@ class Decoder:
     # ------------------------------------------------------------------ one step
     def _check_finite(self, step: int) -> None:
         logits, unsafe = self.logits, self.unsafe_logits
-        if torch.isnan(logits).any() or (unsafe is not None and torch.isnan(unsafe).any()):
-            bad = torch.isnan(logits).any(-1).nonzero().flatten().tolist()
-            raise FloatingPointError(
-                f"the model produced NaN logits at generation step {step} (batch rows {bad}); "
-                f"check the model's dtype ({next(self.target.model.parameters()).dtype}) and the steering scale"
+        if not bool(torch.isfinite(logits).all()) or (unsafe is not None and not bool(torch.isfinite(unsafe).all())):
+            bad = (~torch.isfinite(logits)).any(-1).nonzero().flatten().tolist()
+            vector = self.plan.vector
+            steering = f"vector {vector.vector_id}, scale {vector.scale:g}" if vector is not None else "no steering"
+            raise NumericalError(
+                f"the model produced non-finite (NaN or infinite) logits at generation step {step} (batch rows "
+                f"{bad}, {steering}); check the model's dtype ({next(self.target.model.parameters()).dtype}) and "
+                "the steering scale"
             )
 
     def _choose(self, step: int) -> tuple[torch.Tensor, list[bool] | None]:

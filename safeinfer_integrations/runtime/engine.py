@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Generator, Mapping, Sequence
 from contextlib import closing, nullcontext
 from typing import Any
@@ -196,7 +197,16 @@ class SafeInferEngine:
         **settings: Any,
     ) -> list[Generation]:
         """Generate for one prompt or a batch; returns one `Generation` per prompt, in order."""
-        plan = self._make_plan(inputs, settings, tools)
+        return self._generate(inputs, tools, settings, None)
+
+    def _generate(
+        self,
+        inputs: PromptInput | Sequence[PromptInput],
+        tools: Sequence[Mapping[str, Any]] | None,
+        settings: Mapping[str, Any],
+        cancel: threading.Event | None,
+    ) -> list[Generation]:
+        plan = self._make_plan(inputs, settings, tools, cancel)
         rows = self._new_rows(plan)
         with closing(self._events(plan, rows)) as events:
             for _ in events:  # each row's tracker keeps its text; the pieces are for streaming
@@ -220,8 +230,14 @@ class SafeInferEngine:
         tools: Sequence[Mapping[str, Any]] | None = None,
         **settings: Any,
     ) -> list[Generation]:
-        """``generate`` in a worker thread: the event loop is never blocked."""
-        return await asyncio.to_thread(self.generate, inputs, tools=tools, **settings)
+        """``generate`` in a worker thread: the event loop is never blocked. Cancelling the call (a timeout,
+        ``task.cancel()``) stops generation before its next forward pass."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self._generate, inputs, tools, settings, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
     def astream(
         self, prompt: PromptInput, *, tools: Sequence[Mapping[str, Any]] | None = None, **settings: Any
@@ -245,7 +261,14 @@ class SafeInferEngine:
         with self._encode_lock:  # fast tokenizers are not safe to call from several threads at once
             return self._formatter.encode(prompt, unsafe_prompt=unsafe_prompt, tools=tools)
 
-    def _make_plan(self, inputs: Any, settings: Mapping[str, Any], tools: Sequence[Mapping[str, Any]] | None) -> Plan:
+    def _make_plan(
+        self,
+        inputs: Any,
+        settings: Mapping[str, Any],
+        tools: Sequence[Mapping[str, Any]] | None,
+        cancel: threading.Event | None = None,
+    ) -> Plan:
+        started = time.monotonic()
         sampling_kwargs, config_kwargs = split_settings(settings)
         sampling = SamplingSettings(**sampling_kwargs)
         config = self.resolve_config(config_kwargs)
@@ -291,6 +314,8 @@ class SafeInferEngine:
             safe_ids=safe_ids,
             unsafe_ids=unsafe_ids,
             question_ids=question_ids,
+            cancel=cancel,
+            deadline=started + sampling.timeout if sampling.timeout is not None else None,
         )
 
     def _question_ids(self, prompt: PromptInput) -> list[list[int]]:
@@ -319,7 +344,7 @@ class SafeInferEngine:
             Generation(
                 text=row.tracker.text,
                 token_ids=tuple(row.token_ids),
-                finish_reason=row.finish_reason or "length",
+                finish_reason=row.finish_reason or "cancelled",  # a stream closed before it began
                 usage=Usage(prompt_tokens=row.prompt_tokens, completion_tokens=len(row.token_ids)),
                 safety=SafetyTelemetry(
                     mode=config.mode,
@@ -342,7 +367,12 @@ class SafeInferEngine:
         """Run the decode loop; yield (row, decided text piece). Hooks live exactly as long as this."""
         vector = plan.vector
         steer = vector is not None and (plan.config.amplified or plan.expert == "negated_vector")
-        scope = attach(self._model, vector.layer, vector.vector) if steer else nullcontext()  # type: ignore[union-attr]
+        if steer:
+            assert vector is not None  # noqa: S101 (steer implies a vector)
+            label = f"vector {vector.vector_id} (layer {vector.layer}, scale {vector.scale:g})"
+            scope: Any = attach(self._model, vector.layer, vector.vector, label)
+        else:
+            scope = nullcontext()
         target = Target(
             model=self._model,
             unsafe_model=self._unsafe_model,

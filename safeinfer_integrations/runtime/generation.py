@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "stop_sequence"]
+FinishReason = Literal["stop", "length", "stop_sequence", "timeout", "cancelled"]
+"""Why a generation ended: an end-of-sequence token (or a finished refusal), ``max_new_tokens`` or the context
+window, a stop string, the call's ``timeout``, or the caller (a cancelled async call, a stream closed early)."""
 
 
 @dataclass(frozen=True)

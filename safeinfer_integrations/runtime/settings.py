@@ -27,39 +27,62 @@ class SafeInferSettings(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     # ------------------------------------------------------------------ generation
-    temperature: float | None = Field(default=None, description="Sampling temperature; 0 (the default) is greedy.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate (default 256).")
-    top_p: float | None = Field(default=None, description="Nucleus sampling threshold in (0, 1] (default 1: off).")
-    top_k: int | None = Field(default=None, description="Sample among the k likeliest tokens (default 0: off).")
-    seed: int | None = Field(default=None, description="Seed for sampling; None draws a fresh one per call.")
+    temperature: float | None = Field(
+        default=None, strict=True, description="Sampling temperature; 0 (the default) is greedy."
+    )
+    max_tokens: int | None = Field(
+        default=None, strict=True, ge=1, description="Most tokens to generate (default 256)."
+    )
+    top_p: float | None = Field(
+        default=None, strict=True, description="Nucleus sampling threshold in (0, 1] (default 1: off)."
+    )
+    top_k: int | None = Field(
+        default=None, strict=True, description="Sample among the k likeliest tokens (default 0: off)."
+    )
+    seed: int | None = Field(
+        default=None, strict=True, description="Seed for sampling; None draws a fresh one per call."
+    )
     stop: list[str] | None = Field(
         default=None, description="Stop strings; they may span several tokens (the text is cut before the first)."
+    )
+    timeout: float | None = Field(
+        default=None,
+        strict=True,
+        description="Seconds after which generation ends with finish reason 'timeout' (default: no limit).",
     )
 
     # ------------------------------------------------------------------ safety
     mode: str | None = Field(default=None, description="vanilla | sa | sgds | safeinfer (default safeinfer).")
-    alpha: float | None = Field(default=None, description="Guidance strength in [0, 1) (default 0.99).")
+    alpha: float | None = Field(default=None, strict=True, description="Guidance strength in [0, 1) (default 0.99).")
     plausibility: float | None = Field(
-        default=None, description="Plausibility threshold tau in [0, 1); 0 is the paper's rule (default 0.1)."
+        default=None,
+        strict=True,
+        description="Plausibility threshold tau in [0, 1); 0 is the paper's rule (default 0.1).",
     )
     unsafe_expert: str | None = Field(default=None, description="model | prompted | negated_vector (default prompted).")
     unsafe_system_prompt: str | None = Field(
         default=None, description="The system prompt of the prompted unsafe expert."
     )
-    scale: float | None = Field(default=None, description="Override of the safety vector's scale.")
-    layer: int | None = Field(default=None, description="Override of the safety vector's layer.")
+    scale: float | None = Field(default=None, strict=True, description="Override of the safety vector's scale.")
+    layer: int | None = Field(default=None, strict=True, description="Override of the safety vector's layer.")
     gate: bool | None = Field(
-        default=None, description="Whether the vector's harm gate scales SafeInfer per request (default True)."
+        default=None,
+        strict=True,
+        description="Whether the vector's harm gate scales SafeInfer per request (default True).",
     )
     gate_question: bool | None = Field(
         default=None,
+        strict=True,
         description="The gate also weighs the last user message on its own and takes the larger weight (default True).",
     )
     gate_cutoff: float | None = Field(
-        default=None, description="Requests the gate weighs below this are decoded as vanilla, in [0, 1) (default 0.1)."
+        default=None,
+        strict=True,
+        description="Requests the gate weighs below this are decoded as vanilla, in [0, 1) (default 0.1).",
     )
     refusal_stop: bool | None = Field(
         default=None,
+        strict=True,
         description="End a protected answer at the end of its first sentence once it opens with a refusal.",
     )
 

@@ -40,7 +40,11 @@ class GenerationStream:
         raise StopIteration
 
     def close(self) -> None:
+        """Stop generation; ``generation`` then holds what was generated (finish reason ``cancelled`` when the
+        stream was closed before its end)."""
         self._events.close()  # type: ignore[attr-defined]
+        if self.generation is None:
+            self.generation = self._build()
 
     def __enter__(self) -> GenerationStream:
         return self

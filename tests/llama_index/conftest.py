@@ -58,8 +58,8 @@ class ScriptedEngine(SafeInferEngine):
         usage = Usage(prompt_tokens=self.count_tokens(prompt, tools), completion_tokens=len(ids))
         return Generation(text=text, token_ids=ids, finish_reason="stop", usage=usage, safety=safety)
 
-    def generate(self, inputs: Any, *, tools: Any = None, **settings: Any) -> list[Generation]:
-        return [self._next(inputs, tools, settings)]
+    def _generate(self, inputs: Any, tools: Any, settings: Mapping[str, Any], cancel: Any) -> list[Generation]:
+        return [self._next(inputs, tools, settings)]  # what generate and agenerate run
 
     def stream(self, prompt: Any, *, tools: Any = None, **settings: Any) -> GenerationStream:
         generation = self._next(prompt, tools, settings)

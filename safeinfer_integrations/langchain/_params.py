@@ -89,7 +89,7 @@ class SafeInferParams(SafeInferSettings):
         overrides = {k: v for k, v in kwargs.items() if k not in _FRAMEWORK_KWARGS | _CHAT_KWARGS}
         settings = call_settings(self.engine_settings(), overrides, owner=type(self).__name__, also_allowed=("model",))
         if stop is not None:
-            settings["stop"] = list(stop)
+            settings["stop"] = list(stop) if isinstance(stop, (list, tuple)) else stop  # the engine checks it
         if not settings.get("stop"):
             settings.pop("stop", None)
         model = kwargs.get("model")

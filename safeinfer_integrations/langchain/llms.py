@@ -101,7 +101,7 @@ class SafeInferLLM(SafeInferParams, BaseLLM):
         if max_tokens is not None:
             params["ls_max_tokens"] = max_tokens
         stops = stop or kwargs.get("stop") or self.stop
-        if stops:
+        if isinstance(stops, (list, tuple)) and stops:  # anything else is refused by the call's own checks
             params["ls_stop"] = list(stops)
         return params
 

@@ -30,6 +30,7 @@ from .generation import Generation, SafetyTelemetry, Usage
 from .prompts import PromptFormatter, PromptInput, is_messages, normalize_batch
 from .streams import AsyncGenerationStream, GenerationStream
 from .textstream import TextTracker
+from .tools import with_tool_prompt
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -258,6 +259,8 @@ class SafeInferEngine:
     def _encode(
         self, prompt: PromptInput, unsafe_prompt: str | None, tools: Sequence[Mapping[str, Any]] | None
     ) -> list[int]:
+        if tools and not isinstance(prompt, str) and not self._formatter.template_uses_tools():
+            prompt, tools = with_tool_prompt(prompt, tools), None  # described in the system message, never dropped
         with self._encode_lock:  # fast tokenizers are not safe to call from several threads at once
             return self._formatter.encode(prompt, unsafe_prompt=unsafe_prompt, tools=tools)
 

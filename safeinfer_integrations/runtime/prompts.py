@@ -1,6 +1,9 @@
 """Turning inputs into token ids: the one prompt formatter every entry point uses.
 
 - A string is a completion prompt, tokenized as is (the tokenizer adds BOS if it normally does).
+- Roles are ``system``, ``user``, ``assistant`` and ``tool``; any other is refused with that list.
+- ``tools`` go through the chat template; the engine describes them in the system message instead when the
+  template cannot render them (`SafeInferEngine`, with `tools.with_tool_prompt`), so they are never dropped.
 - A list of ``{"role", "content"}`` messages is rendered with the model's chat template and tokenized
   without adding special tokens again (no double BOS). Roles the template rejects are folded: consecutive
   messages of one role are merged, then ``tool`` messages become user messages, then system messages are
@@ -57,6 +60,7 @@ def normalize_batch(inputs: object) -> list[PromptInput]:
         if isinstance(item, str):
             if item == "":
                 raise InvalidInputError(f"prompt {index} is an empty string")
+            check_text(item, f"prompt {index}")
         elif is_messages(item):
             _check_messages(item, index)  # type: ignore[arg-type]
         else:
@@ -70,15 +74,29 @@ def normalize_batch(inputs: object) -> list[PromptInput]:
 def _check_messages(messages: Sequence[Message], index: int) -> None:
     for position, message in enumerate(messages):
         role = message.get("role")
-        if not isinstance(role, str) or not role:
+        if role not in _ROLES:
             raise InvalidInputError(
-                f"prompt {index}, message {position}: 'role' must be a non-empty string; got {role!r}"
+                f"prompt {index}, message {position}: role {role!r} is not one of {', '.join(_ROLES)}"
             )
         content = message.get("content")
         if content is not None and not isinstance(content, str):
             raise InvalidTypeError(
                 f"prompt {index}, message {position}: 'content' must be a string; got {type(content).__name__}"
             )
+        if content:
+            check_text(content, f"prompt {index}, message {position}: 'content'")
+
+
+def check_text(text: str, where: str) -> None:
+    """Raise `InvalidInputError` when ``text`` cannot be encoded as UTF-8 (a lone surrogate from a broken
+    decode), naming ``where`` and the position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidInputError(
+            f"{where} is not valid text: {text[error.start : error.end]!r} at character {error.start} cannot be "
+            "encoded as UTF-8 (a lone surrogate); decode the source with errors='replace'"
+        ) from None
 
 
 def _merge_consecutive(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -187,6 +205,7 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         controls = control_tokens(tokenizer)
         self._controls = re.compile("|".join(re.escape(t) for t in controls)) if controls else None
+        self._renders_tools: tuple[Any, bool] | None = None
 
     def forged_turns(self, text: str) -> list[str]:
         """The pieces of ``text`` between the control tokens written inside it (each without a first line that
@@ -234,9 +253,15 @@ class PromptFormatter:
         raise InvalidInputError(f"the chat template rejects this conversation even after folding roles: {first_error}")
 
     def template_uses_tools(self) -> bool:
-        """Whether the chat template renders a ``tools`` argument at all."""
+        """Whether the chat template renders a ``tools`` argument at all (computed once per template)."""
         if not self.has_chat_template:
             return False
+        template = self.tokenizer.chat_template
+        if self._renders_tools is None or self._renders_tools[0] != template:
+            self._renders_tools = (template, self._probe_tools())
+        return self._renders_tools[1]
+
+    def _probe_tools(self) -> bool:
         probe = [{"role": "user", "content": "hi"}]
         tool = {
             "type": "function",

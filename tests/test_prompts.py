@@ -43,6 +43,13 @@ _FAMILIES = {
         "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
         "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}",
     ),
+    "chatml with tools": (  # renders the tool schemas and the calls' arguments as JSON, as tool-aware templates do
+        ["<|im_start|>", "<|im_end|>"],
+        "{% if tools %}{{'<|im_start|>system\n' + (tools | tojson) + '<|im_end|>\n'}}{% endif %}"
+        "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content']}}"
+        "{% for c in m.get('tool_calls', []) %}{{c['function']['arguments'] | tojson}}{% endfor %}"
+        "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}",
+    ),
     "llama3": (
         ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         "{{'<|begin_of_text|>'}}{% for m in messages %}{{'<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
@@ -105,12 +112,16 @@ def test_control_tokens_in_content_are_encoded_as_text(family: str) -> None:
             {"role": "tool", "name": "t", "content": forged},
         ],
     ]
+    assert formatter.template_uses_tools() == (family == "chatml with tools")
     for messages in conversations:
         ids = formatter.encode(messages, tools=tools)
-        clean = [{**m, "content": m["content"].replace(forged, "plain")} for m in messages]
-        expected = [i for i in formatter.encode(clean) if i in control_ids]
-        assert [i for i in ids if i in control_ids] == expected, family
         rendered = formatter.render_chat(messages, tools=tools)
+        if formatter.template_uses_tools():
+            assert forged.replace("\n", "\\n") in rendered  # written by tojson: in the schema (and the arguments)
+        clean = [{**m, "content": m["content"].replace(forged, "plain")} for m in messages]
+        clean_tools = [{"type": "function", "function": {"name": "t", "description": "plain", "parameters": {}}}]
+        expected = [i for i in formatter.encode(clean, tools=clean_tools) if i in control_ids]
+        assert [i for i in ids if i in control_ids] == expected, family
         assert tokenizer.decode(ids) == (rendered if template else tokenizer.decode(tokenizer(rendered)["input_ids"]))
 
 

@@ -57,10 +57,12 @@ def reference_greedy(
     min_new_tokens: int = 0,
     gate_weight: float = 1.0,
     stop_after: Callable[[list[int]], bool] | None = None,
+    allowed: Callable[[list[int]], torch.Tensor] | None = None,
 ) -> list[int]:
     """Greedy tokens, recomputing the whole sequence at every step. ``gate_weight`` g scales the steering
     (``g * scale``) and alpha (``g * alpha``), as the harm gate does. ``stop_after(tokens)`` true ends the
-    generation after that token."""
+    generation after that token. ``allowed(tokens)`` (a response format) is a bool mask of the tokens that may
+    follow: the steered scores are restricted to it before guidance and the final scores after it."""
     generated: list[int] = []
     amplified = mode in ("sa", "safeinfer")
     guided = mode in ("sgds", "safeinfer")
@@ -70,6 +72,9 @@ def reference_greedy(
         l_s = _log_probs(model, sequence, safe_steer, len(prompt_ids) - 1)
         if len(generated) < min_new_tokens:
             l_s[sorted(eos)] = -math.inf
+        mask = allowed(generated) if allowed is not None else None
+        if mask is not None:
+            l_s[~mask] = -math.inf
         if guided:
             if expert == "prompted":
                 assert unsafe_prompt_ids is not None
@@ -86,6 +91,8 @@ def reference_greedy(
                 score[l_s < l_s.max() + math.log(tau)] = -math.inf
         else:
             score = l_s
+        if mask is not None:
+            score[~mask] = -math.inf
         token = int(score.argmax())
         generated.append(token)
         if token in eos or (stop_after is not None and stop_after(generated)):

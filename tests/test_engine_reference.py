@@ -124,6 +124,75 @@ def test_greedy_equals_naive_reference(
         assert single.text == generation.text
 
 
+FORMATS: dict[str, Any] = {
+    "json_object": {"type": "json_object"},
+    "json_schema": {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "answer",
+            "schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+        },
+    },
+    "regex": {"type": "regex", "pattern": "(Paris|bread|two) [a-z ]{0,20}\\."},
+}
+
+
+def _reference_mask(engine: SafeInferEngine, response_format: Any) -> Any:
+    """``allowed(tokens)`` for the reference loop, computed from scratch at every step: a fresh matcher fed every
+    token so far, its packed bits unpacked one by one (not the engine's incremental `constrain.Constraint`)."""
+    import json
+
+    import llguidance.hf
+    from llguidance import LLMatcher
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+    width = engine.model.get_output_embeddings().weight.shape[0]
+    tokenizer = llguidance.hf.from_tokenizer(engine.tokenizer, n_vocab=width, eos_token=sorted(engine.eos_ids))
+    kind = response_format["type"]
+    if kind == "regex":
+        grammar = LLMatcher.grammar_from_regex(response_format["pattern"])
+    else:
+        schema = response_format["json_schema"]["schema"] if kind == "json_schema" else {"type": "object"}
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema))
+
+    def allowed(tokens: list[int]) -> torch.Tensor:
+        matcher = LLMatcher(tokenizer, grammar)
+        assert all(matcher.consume_token(t) for t in tokens)
+        bits = allocate_token_bitmask(1, width)
+        fill_next_token_bitmask(matcher, bits, 0)
+        words = bits[0].tolist()
+        mask = torch.tensor([bool((words[t // 32] >> (t % 32)) & 1) for t in range(width)])
+        assert mask.any()
+        return mask
+
+    return allowed
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(("mode", "expert", "tau"), CASES)
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_constrained_greedy_equals_naive_reference(
+    arch: str, mode: str, expert: str | None, tau: float, kind: str, tiny_model_factory: Any, tiny_tokenizer: Any
+) -> None:
+    """A response format masks every mode's scores (before guidance and after it); the engine, batched with a free
+    row, equals the reference loop with an independently computed mask, and the free row is unchanged."""
+    pytest.importorskip("llguidance")
+    engine = _engine(arch, tiny_model_factory, tiny_tokenizer)
+    settings: dict[str, Any] = {"mode": mode, "plausibility": tau, "max_new_tokens": MAX_NEW}
+    if expert:
+        settings["unsafe_expert"] = expert
+    response_format = FORMATS[kind]
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    batch = engine.generate(prompts, response_format=[response_format, None], **settings)
+    expected = _reference(engine, prompts[0], mode, expert, tau, allowed=_reference_mask(engine, response_format))
+    assert list(batch[0].token_ids) == expected
+    assert list(batch[1].token_ids) == _reference(engine, prompts[1], mode, expert, tau)
+    free = engine.generate(prompts[0], **settings)[0]
+    assert free.token_ids != batch[0].token_ids  # the format changed the output: the test is not vacuous
+    streamed = "".join(engine.stream(prompts[0], response_format=response_format, **settings))
+    assert streamed == batch[0].text
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_modes_change_the_output(arch: str, tiny_model_factory: Any, tiny_tokenizer: Any) -> None:
     """Guards the reference test against vacuity: steering and guidance do change tokens here."""

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import InvalidSettingError, UnknownSettingError
+from .constrain import check_format
 
 Mode = Literal["vanilla", "sa", "sgds", "safeinfer"]
 UnsafeExpert = Literal["model", "prompted", "negated_vector"]
@@ -173,6 +174,8 @@ class SamplingSettings(_Settings):
     ``timeout`` (seconds) ends generation with finish reason ``timeout`` once that much time has passed since
     the call began (checked before every forward pass, so at most one pass runs after it); None: no limit.
     ``seed`` is in [0, 2**63).
+    ``response_format`` constrains the output to a JSON schema, any JSON object, a regular expression or a grammar
+    (`constrain`; a list gives one per prompt).
     """
 
     max_new_tokens: int = 256
@@ -183,6 +186,7 @@ class SamplingSettings(_Settings):
     seed: int | None = None
     stop: tuple[str, ...] = ()
     timeout: float | None = None
+    response_format: Any = None
 
     @field_validator("max_new_tokens", "min_new_tokens")
     @classmethod
@@ -205,6 +209,13 @@ class SamplingSettings(_Settings):
         if not (0.0 < value <= 1.0):
             raise ValueError(f"top_p must be in (0, 1]; got {value!r}")
         return value
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _check_response_format(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return tuple(check_format(item, f"response_format[{index}]") for index, item in enumerate(value))
+        return check_format(value)
 
     @field_validator("seed")
     @classmethod

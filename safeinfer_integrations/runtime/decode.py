@@ -33,6 +33,7 @@ from ..models.batching import left_pad
 from ..models.compat import cache_kwarg
 from . import kv_cache
 from .config import SafeInferConfig, SamplingSettings
+from .constrain import Constraint, allowed_mask
 from .generation import FinishReason
 from .textstream import TextTracker
 
@@ -48,6 +49,7 @@ class Plan:
     safe_ids: list[list[int]]
     unsafe_ids: list[list[int]] | None  # same-weights expert rows (prompted / negated_vector)
     question_ids: list[list[list[int]]] | None = None  # per request, what the gate reads besides it (gate_question)
+    constraints: list[Constraint | None] | None = None  # per request, its response format's state (None: free)
     cancel: threading.Event | None = None  # set by the caller (a cancelled async call): stop before the next pass
     deadline: float | None = None  # time.monotonic() after which no forward pass starts (``timeout``)
 
@@ -230,7 +232,8 @@ class Decoder:
                 row.gate_weight = gate_weight
         paired = pre.kept if plan.expert is not None else []
         if plan.config.refusal_stop and (plan.config.amplified or plan.config.guided):
-            self.protected = frozenset(pre.kept)
+            free = [row for row in pre.kept if plan.constraints is None or plan.constraints[row] is None]
+            self.protected = frozenset(free)  # a constrained answer is never cut: it would break its format
         logits, coef = pre.logits, pre.coef
         if self.shared and len(paired) < self.n:  # requests below the gate cutoff lose their twins now
             select = torch.tensor(list(range(self.n)) + [self.n + slot for slot in paired], device=self.device)
@@ -350,6 +353,9 @@ class Decoder:
         if step < sampling.min_new_tokens and eos:
             safe = safe.clone()
             safe[:, sorted(eos)] = float("-inf")  # min_new_tokens: no end of sequence yet
+        allowed = self._allowed(safe.shape[-1])
+        if allowed is not None:  # the response format: before guidance, so plausibility is judged among allowed
+            safe = safe.masked_fill(~allowed, float("-inf"))
         uniforms = None
         if self.generators is not None:
             uniforms = torch.stack([torch.rand((), generator=self.generators[i]) for i in self.active])
@@ -367,9 +373,18 @@ class Decoder:
             index = self.paired_index
             scores = safe.clone()
             scores[index] = sgds_scores(safe[index], unsafe, self.weight[index], tau)
+        if allowed is not None:  # and after it: the final scores keep only allowed tokens
+            scores = scores.masked_fill(~allowed, float("-inf"))
         chosen = select_tokens(scores, **pick)  # type: ignore[arg-type]
         changed = chosen != select_tokens(safe, **pick)  # type: ignore[arg-type]
         return chosen, changed.tolist()
+
+    def _allowed(self, width: int) -> torch.Tensor | None:
+        """[active rows, width] mask of the tokens each active row's response format allows (None: no format)."""
+        if self.plan.constraints is None:
+            return None
+        mask = allowed_mask([self.plan.constraints[index] for index in self.active], width)
+        return mask.to(self.device) if mask is not None else None
 
     def _pair_lengths(self) -> list[int]:
         """Tokens so far of each active request: the longer of its safe row and its twin (the context bound)."""
@@ -394,6 +409,8 @@ class Decoder:
             if token in eos:
                 row.finish_reason = "stop"
             else:
+                if self.plan.constraints is not None and self.plan.constraints[index] is not None:
+                    self.plan.constraints[index].advance(token)  # type: ignore[union-attr]
                 piece = row.tracker.push(token)
                 if row.tracker.stopped:
                     row.finish_reason = "stop_sequence"

@@ -25,6 +25,7 @@ from ..models.architecture import context_window
 from ..models.batching import pad_id_of
 from ..models.loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
 from .config import SafeInferConfig, SamplingSettings, split_settings
+from .constrain import Constraint, row_formats
 from .decode import Decoder, Plan, Row, Target
 from .generation import Generation, SafetyTelemetry, Usage
 from .prompts import PromptFormatter, PromptInput, is_messages, normalize_batch
@@ -304,6 +305,13 @@ class SafeInferEngine:
                     f"{which} {index % len(batch)} has {len(ids)} tokens; the model's context window is "
                     f"{self._context}, leaving no room to generate"
                 )
+        constraints = None
+        if sampling.response_format is not None:
+            formats = row_formats(sampling.response_format, len(batch))
+            width = _output_size(self._model)
+            constraints = [
+                Constraint(self._tokenizer, width, sorted(self._eos), f) if f is not None else None for f in formats
+            ]
         question_ids = None
         gated = vector if vector is not None else self._vector
         if config.gate and config.gate_question and gated is not None and gated.gate is not None:
@@ -317,6 +325,7 @@ class SafeInferEngine:
             safe_ids=safe_ids,
             unsafe_ids=unsafe_ids,
             question_ids=question_ids,
+            constraints=constraints,
             cancel=cancel,
             deadline=started + sampling.timeout if sampling.timeout is not None else None,
         )

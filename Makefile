@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first: the CPU build. An unpinned torch (or accelerate in an empty venv) pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[langchain,llamaindex,eval,dev]"
+	$(PY) -m pip install --quiet -e ".[langchain,llamaindex,structured,eval,dev]"
 	touch $(STAMP)
 
 # The oldest transformers the package supports (pyproject.toml), installed beside the venv's own: the engine

@@ -383,3 +383,14 @@ def test_tool_turns_user_texts(tool_turns: list[dict], harmful: list[dict]) -> N
     for a in by_split["calibration"]:
         for b in by_split["evaluation"]:
             assert len(a & b) / len(a | b) < 0.5, sorted(a)
+
+
+# --- structured_people.jsonl: extraction prompts for structured output ---------------------------------------------
+def test_structured_people_state_the_fields_they_hold() -> None:
+    rows = [json.loads(line) for line in (DATA_DIR / "structured_people.jsonl").read_text().splitlines()]
+    assert len(rows) == 20
+    assert len({row["name"] for row in rows}) == 20
+    for row in rows:
+        assert set(row) == {"text", "name", "age"}
+        assert row["name"] in row["text"] and isinstance(row["age"], int)
+        assert str(row["age"]) in row["text"] or "birthday" in row["text"]

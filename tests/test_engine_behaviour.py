@@ -459,3 +459,14 @@ def test_a_stream_closed_early_reports_cancelled(engine: SafeInferEngine) -> Non
     unread.close()
     assert unread.generation is not None and unread.generation.finish_reason == "cancelled"
     assert _hook_count(engine) == 0
+
+
+def test_a_complete_response_format_ends_even_before_min_new_tokens(engine: SafeInferEngine) -> None:
+    """Once the format is complete only end-of-sequence is allowed: it ends the answer even if ``min_new_tokens``
+    asked for more (the format wins), in every mode."""
+    pytest.importorskip("llguidance")
+    for mode in ("vanilla", "safeinfer"):
+        [short] = engine.generate(
+            CHAT, mode=mode, max_new_tokens=20, min_new_tokens=15, response_format={"type": "regex", "pattern": "ab"}
+        )
+        assert short.text == "ab" and short.finish_reason == "stop", short

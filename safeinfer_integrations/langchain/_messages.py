@@ -124,7 +124,26 @@ def structured_output_instruction(schema: Mapping[str, Any] | None) -> str:
 
     if schema is None:
         return "Reply with a single JSON object and nothing else."
+    properties = schema.get("properties")
+    if isinstance(properties, Mapping) and properties:
+        # keys described in words: a small model given the raw schema tends to echo it back
+        keys = ", ".join(f'"{name}" ({_kind(spec)})' for name, spec in properties.items())
+        return f"Reply with a single JSON object with the keys {keys}, and nothing else."
     return (
         "Reply with a single JSON object that matches this JSON schema, and nothing else:\n"
         f"{json.dumps(schema, ensure_ascii=False)}"
     )
+
+
+def _kind(spec: Any) -> str:
+    """A property's type in words ("string", "integer", "list of string", ...; "value" when unstated)."""
+    if not isinstance(spec, Mapping):
+        return "value"
+    kind = spec.get("type")
+    if kind == "array":
+        return f"list of {_kind(spec.get('items'))}"
+    if isinstance(kind, str):
+        return kind
+    if "anyOf" in spec:
+        return " or ".join(_kind(option) for option in spec["anyOf"])
+    return str(spec.get("title") or "object" if "$ref" in spec else "value")

@@ -31,8 +31,9 @@ from pydantic import ConfigDict
 
 from .. import AsyncGenerationStream, Generation, SafeInferEngine
 from ..errors import InvalidSettingError
+from ..runtime.constrain import check_format, closed_schema
 from ..runtime.prompts import add_to_system
-from ..runtime.tools import ParsedToolCall, ToolSplitter, needs_tool_prompt, split_text
+from ..runtime.tools import ParsedToolCall, ToolSplitter, forced_call_format, needs_tool_prompt, split_text
 from ._batching import BATCH, Request, run_batch_async, run_batch_sync
 from ._messages import add_tool_instructions, structured_output_instruction, to_engine_messages
 from ._metadata import PROVIDER, register_refusal_translator, response_metadata, usage_dict
@@ -303,9 +304,17 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
             choice = _tool_choice_name(tool_choice, names)
             prompt = add_tool_instructions(prompt, tools, choice, template_renders_tools=renders_tools)
             tool_names = None if choice == "none" else frozenset(names)
+            forced = forced_call_format(tools, choice)
+            if forced is not None:  # a call the parser reads, with arguments valid under the tool's schema
+                settings["response_format"] = forced
         if response_format is not None:
-            schema = response_format.get("schema") if response_format.get("type") == "json_schema" else None
-            prompt = add_to_system(prompt, structured_output_instruction(schema))
+            checked = check_format(response_format)
+            if checked is not None:
+                holder = checked.get("json_schema", checked)
+                schema = holder.get("schema") if isinstance(holder, Mapping) else None
+                if checked["type"] in ("json_object", "json_schema"):
+                    prompt = add_to_system(prompt, structured_output_instruction(schema))
+                settings["response_format"] = checked  # the engine keeps the reply valid, token by token
         return _Call(
             engine=engine,
             prompt=prompt,
@@ -541,15 +550,15 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
             else:
                 parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
         elif method in ("json_schema", "json_mode"):
-            if method == "json_schema":
-                json_schema = (
-                    schema.model_json_schema()
-                    if is_pydantic and hasattr(schema, "model_json_schema")
-                    else convert_to_json_schema(schema)
-                )
-                response_format: dict[str, Any] = {"type": "json_schema", "schema": json_schema}
-            else:
-                response_format = {"type": "json_object"}
+            json_schema = (
+                schema.model_json_schema()
+                if is_pydantic and hasattr(schema, "model_json_schema")
+                else convert_to_json_schema(schema)
+            )
+            # json_schema: the reply is held to the schema; json_mode: to any JSON object (the schema is only
+            # described in the instruction, as a json_mode prompt would)
+            kind = "json_schema" if method == "json_schema" else "json_object"
+            response_format: dict[str, Any] = {"type": kind, "schema": closed_schema(json_schema), "refusal": True}
             llm = self.bind(response_format=response_format, ls_structured_output_format=trace)
             parser = (
                 PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ from .. import AsyncGenerationStream, SafeInferEngine, SamplingSettings
 from ..errors import InvalidInputError, InvalidSettingError, InvalidTypeError
 from ..runtime.engine_cache import get_engine
 from ..runtime.settings import SafeInferSettings, call_settings
-from ..runtime.tools import needs_tool_prompt, parse_tool_calls, with_tool_prompt
+from ..runtime.tools import forced_call_format, needs_tool_prompt, parse_tool_calls, with_tool_prompt
 from ._convert import chat_response, normalize_tool_choice, to_engine_messages, to_tool_schemas
 
 _LOAD_FIELDS: tuple[str, ...] = ("model", "vector", "unsafe_model", "dtype", "device_map")
@@ -238,6 +238,9 @@ class SafeInferLLM(SafeInferSettings, FunctionCallingLLM):
         settings = self._settings(kwargs)
         if not tools or choice == "none":
             return _Call(prompt, None, settings, None)
+        forced = forced_call_format(tools, choice)
+        if forced is not None:  # a call the parser reads, with arguments valid under the tool's schema
+            settings["response_format"] = forced
         if self._needs_tool_prompt():
             return _Call(with_tool_prompt(prompt, tools, tool_choice=choice), None, settings, names)
         return _Call(prompt, tools, settings, names)

@@ -10,7 +10,12 @@
 - ``{"type": "grammar", "grammar": "..."}``: text of a Lark grammar (llguidance's syntax, which embeds JSON
   schemas and regexes as terminals).
 
-A list gives one format per prompt of a batch (None for an unconstrained row).
+A list gives one format per prompt of a batch (None for an unconstrained row). ``"refusal": True`` in a JSON
+format (or a grammar whose top rule is ``start``) also allows, instead, one refusal sentence (`REFUSAL_REGEX`: "I
+can't ...", "Sorry, I can't ...", ending at its first full stop), for the requests SafeInfer protects (mode other than
+vanilla, gate weight at or above the cutoff): those can still be declined, as OpenAI's structured outputs return a
+refusal; the others are held to the format alone (a plain model given the choice sometimes excuses itself from a
+benign request). The adapters' structured output and forced tool calls use it.
 
 The grammars are compiled and matched by llguidance (MIT; one small wheel with no dependencies): at each step
 it gives the set of tokens that keep the output valid, and the engine keeps only those. The mask applies to the
@@ -22,6 +27,7 @@ is allowed exactly when the output is complete. A generation cut by ``max_new_to
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -32,6 +38,23 @@ import torch
 from ..errors import InvalidSettingError
 
 FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
+_OPENINGS = (
+    "I can't",
+    "I cannot",
+    "I can not",
+    "I won't",
+    "I will not",
+    "I'm not able",
+    "I am not able",
+    "I'm unable",
+    "I am unable",
+    "Sorry, I can't",
+    "I'm sorry, but I can't",
+    "I'm sorry, I can't",
+)  # each one the refusal detector (method/refusal.py) reads as a refusal; "I'm sorry" alone is not one
+REFUSAL_REGEX = "(" + "|".join(o.replace("'", "['’]") for o in _OPENINGS) + ")[^\\n.!?{}]{0,120}[.!?]"
+"""One refusal sentence: a first-person decline the refusal detector reads as one, then up to 120 characters,
+ending at the first full stop (short, so it ends well within a structured call's token budget)."""
 
 
 def check_format(value: Any, where: str = "response_format") -> dict[str, Any] | None:
@@ -58,7 +81,36 @@ def check_format(value: Any, where: str = "response_format") -> dict[str, Any] |
         raise InvalidSettingError(f"{where}: type 'regex' needs pattern=<str>; got {value.get('pattern')!r}")
     if kind == "grammar" and not isinstance(value.get("grammar"), str):
         raise InvalidSettingError(f"{where}: type 'grammar' needs grammar=<str>; got {value.get('grammar')!r}")
+    if not isinstance(value.get("refusal", False), bool) or (value.get("refusal") and kind == "regex"):
+        raise InvalidSettingError(f"{where}: 'refusal' must be True or False, and not for a regex")
+    if value.get("refusal") and kind == "grammar" and not _START.search(value["grammar"]):
+        raise InvalidSettingError(f"{where}: 'refusal' with a grammar needs its top rule to be named 'start'")
     return dict(value)
+
+
+_START = re.compile(r"^start\s*:", re.MULTILINE)
+
+
+def _or_refusal(lark: str) -> str:
+    """A Lark grammar (llguidance's syntax) that allows what ``lark`` allows (its ``start`` rule renamed) or one
+    refusal sentence."""
+    renamed = _START.sub("answer__:", lark, count=1)
+    return f"start: answer__ | refusal__\n{renamed}\nrefusal__: /{REFUSAL_REGEX}/"
+
+
+def closed_schema(schema: Any) -> Any:
+    """A copy of a JSON schema in which every object that lists its ``properties`` and says nothing of others
+    allows no others (``additionalProperties: false``, as OpenAI's strict mode does). JSON Schema allows extra
+    keys by default, and a small model given that freedom invents keys until it runs out of tokens; structured
+    output and forced tool calls use this."""
+    if isinstance(schema, Mapping):
+        closed = {key: closed_schema(value) for key, value in schema.items()}
+        if "properties" in closed and "additionalProperties" not in closed:
+            closed["additionalProperties"] = False
+        return closed
+    if isinstance(schema, list):
+        return [closed_schema(item) for item in schema]
+    return schema
 
 
 def _grammar(response_format: Mapping[str, Any]) -> str:
@@ -66,14 +118,17 @@ def _grammar(response_format: Mapping[str, Any]) -> str:
     from llguidance import LLMatcher
 
     kind = response_format["type"]
-    if kind == "json_object":
-        return str(LLMatcher.grammar_from_json_schema(json.dumps({"type": "object"})))
-    if kind == "json_schema":
-        schema = response_format.get("json_schema", response_format)["schema"]
+    refusal = bool(response_format.get("refusal"))
+    if kind in ("json_object", "json_schema"):
+        holder = response_format.get("json_schema", response_format)
+        schema = {"type": "object"} if kind == "json_object" else holder["schema"]
+        if refusal:
+            return str(LLMatcher.grammar_from_lark(_or_refusal(f"start: %json {json.dumps(schema)}")))
         return str(LLMatcher.grammar_from_json_schema(json.dumps(schema)))
     if kind == "regex":
         return str(LLMatcher.grammar_from_regex(response_format["pattern"]))
-    return str(LLMatcher.grammar_from_lark(response_format["grammar"]))
+    lark = response_format["grammar"]
+    return str(LLMatcher.grammar_from_lark(_or_refusal(lark) if refusal else lark))
 
 
 _TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -105,18 +160,28 @@ class Constraint:
     def __init__(self, tokenizer: Any, vocab_size: int, eos: Sequence[int], response_format: Mapping[str, Any]):
         from llguidance import LLMatcher
 
-        ll_tokenizer = _ll_tokenizer(tokenizer, vocab_size, eos)
-        grammar = _grammar(response_format)
-        self._matcher = LLMatcher(ll_tokenizer, grammar)
+        self._tokenizer = _ll_tokenizer(tokenizer, vocab_size, eos)
+        self._format = dict(response_format)
+        self._matcher = LLMatcher(self._tokenizer, _grammar(self._format))
         if self._matcher.is_error():
             raise InvalidSettingError(f"response_format cannot be compiled: {self._matcher.get_error()}")
         self.vocab_size = vocab_size
 
-    def allowed(self, into: torch.Tensor) -> None:
-        """Write this row's mask into ``into`` (int32 bits, as llguidance packs them)."""
+    def drop_refusal(self) -> None:
+        """Hold a request SafeInfer does not protect (plain decoding, or a gate weight under the cutoff) to the
+        format alone: its refusal branch is for protected requests. Only before the first token."""
+        from llguidance import LLMatcher
+
+        if self._format.get("refusal"):
+            self._format["refusal"] = False
+            self._matcher = LLMatcher(self._tokenizer, _grammar(self._format))
+
+    def allowed(self, into: torch.Tensor, row: int) -> None:
+        """Write this constraint's next-token bits into row ``row`` of ``into`` (int32 words, as llguidance packs
+        them: token t is bit t % 32 of word t // 32)."""
         from llguidance.torch import fill_next_token_bitmask
 
-        fill_next_token_bitmask(self._matcher, into, 0)
+        fill_next_token_bitmask(self._matcher, into, row)
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
@@ -129,21 +194,19 @@ class Constraint:
 
 def allowed_mask(constraints: Sequence[Constraint | None], width: int) -> torch.Tensor | None:
     """A [rows, width] bool mask of the tokens each row may choose next (all True for an unconstrained row);
-    None when no row is constrained."""
+    None when no row is constrained. One packed bitmask for the batch, unpacked in one vectorised step."""
     if all(c is None for c in constraints):
         return None
-    from llguidance.torch import allocate_token_bitmask, apply_token_bitmask_inplace
-
-    mask = torch.ones(len(constraints), width, dtype=torch.bool)
+    words = (width + 31) // 32
+    bits = torch.full((len(constraints), words), -1, dtype=torch.int32)  # every bit set: all allowed
     for row, constraint in enumerate(constraints):
-        if constraint is None:
-            continue
-        bits = allocate_token_bitmask(1, constraint.vocab_size)
-        constraint.allowed(bits)
-        bias = torch.zeros(1, width)
-        apply_token_bitmask_inplace(bias, bits)
-        mask[row] = torch.isfinite(bias[0])
-    return mask
+        if constraint is not None:
+            constraint.allowed(bits, row)
+    unpacked = (bits[:, :, None] >> _SHIFTS) & 1
+    return unpacked.reshape(len(constraints), words * 32)[:, :width].bool()
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def row_formats(value: Any, rows: int) -> list[dict[str, Any] | None]:

@@ -231,6 +231,11 @@ class Decoder:
             for row, gate_weight in zip(self.rows, pre.gate.tolist()):
                 row.gate_weight = gate_weight
         paired = pre.kept if plan.expert is not None else []
+        if plan.constraints is not None:  # a format's refusal branch is for the requests SafeInfer protects
+            protecting = plan.config.amplified or plan.config.guided
+            for request, constraint in enumerate(plan.constraints):
+                if constraint is not None and not (protecting and request in pre.kept):
+                    constraint.drop_refusal()
         if plan.config.refusal_stop and (plan.config.amplified or plan.config.guided):
             free = [row for row in pre.kept if plan.constraints is None or plan.constraints[row] is None]
             self.protected = frozenset(free)  # a constrained answer is never cut: it would break its format
@@ -356,6 +361,9 @@ class Decoder:
         allowed = self._allowed(safe.shape[-1])
         if allowed is not None:  # the response format: before guidance, so plausibility is judged among allowed
             safe = safe.masked_fill(~allowed, float("-inf"))
+            done = ~torch.isfinite(safe).any(dim=-1)
+            if bool(done.any()):  # a complete output allows only end-of-sequence: it beats min_new_tokens
+                safe = torch.where(done[:, None] & allowed, log_probs[:n_active], safe)
         uniforms = None
         if self.generators is not None:
             uniforms = torch.stack([torch.rand((), generator=self.generators[i]) for i in self.active])

@@ -59,8 +59,12 @@ def _same_vocabulary(tokenizer: Any, other: Any) -> str | None:
 
 
 def _output_size(model: Any) -> int:
-    """How many tokens the model's output layer scores."""
-    return int(model.get_output_embeddings().weight.shape[0])
+    """How many tokens the model's output layer scores (its config's vocabulary size when it has no output
+    embedding to read)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and hasattr(output, "weight"):
+        return int(output.weight.shape[0])
+    return int(model.config.vocab_size)
 
 
 class SafeInferEngine:

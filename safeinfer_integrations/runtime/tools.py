@@ -34,12 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInputError, InvalidSettingError, InvalidTypeError
+from .constrain import closed_schema
 from .prompts import add_to_system
 
 __all__ = [
     "ParsedToolCall",
     "ToolSplitter",
     "assistant_message",
+    "forced_call_format",
     "needs_tool_prompt",
     "normalize_tool",
     "parse_tool_calls",
@@ -103,6 +105,39 @@ def normalize_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
             "parameters": dict(parameters),
         },
     }
+
+
+def forced_call_format(tools: Sequence[Mapping[str, Any]], tool_choice: str | None) -> dict[str, Any] | None:
+    """The response format (`constrain`) of a reply that must call a tool: one
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block whose name is one of the tools (``"any"``,
+    ``"required"``) or the named one, and whose arguments are valid under that tool's parameter schema (objects
+    closed to unlisted keys, `constrain.closed_schema`), or, for a request SafeInfer protects, one refusal sentence
+    (`constrain.REFUSAL_REGEX`: it can still be declined). None when the model may answer in text (``None``, ``"auto"``,
+    ``"none"``)."""
+    normalized = [normalize_tool(t) for t in tools]
+    if tool_choice in ("any", "required"):
+        chosen = normalized
+    else:
+        chosen = [t for t in normalized if t["function"]["name"] == tool_choice]
+        if not chosen:
+            return None
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": closed_schema({"type": "object", **t["function"]["parameters"]}),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in chosen
+    ]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    grammar = (
+        f"start: {json.dumps(TOOL_CALL_OPEN)} call {json.dumps(TOOL_CALL_CLOSE)}\ncall: %json {json.dumps(schema)}"
+    )
+    return {"type": "grammar", "grammar": grammar, "refusal": True}
 
 
 def tool_prompt(tools: Sequence[Mapping[str, Any]], *, tool_choice: str | None = None) -> str:

@@ -408,3 +408,9 @@ def gate_dataset_hash() -> str:
     """A short SHA-256 of the bundled files the harm gate is fitted from (`dataset_hash`'s, the agent
     requests and the tool framings)."""
     return _files_hash(_GATE_FILES)
+
+
+def structured_people() -> list[dict[str, Any]]:
+    """``data/structured_people.jsonl``: 20 made-up people (``text``, ``name``, ``age``) for structured-output
+    tests and benchmarks (never fitted on)."""
+    return [dict(row) for row in _read("structured_people.jsonl")]

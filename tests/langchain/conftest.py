@@ -79,8 +79,9 @@ def tiny_engine(tiny_model_factory: Any, tiny_tokenizer: Any) -> SafeInferEngine
 # schema-valid JSON object (see test_lc_standard.py). SmolLM2-135M was not trained for tool use or JSON
 # output: given the tool prompt it mostly answers in prose or writes malformed calls.
 TOO_SMALL_REASON = (
-    "SmolLM2-135M cannot produce correct tool calls / schema-valid JSON reliably; the adapter's tool calling "
-    "and structured output are tested with scripted model outputs in test_lc_chat.py"
+    "the suite's max_tokens=12 cuts most tool calls and JSON objects short, and SmolLM2-135M rarely chooses a "
+    "tool unasked; forced tool calls and structured output are tested on the default model with room to finish "
+    "in tests/test_structured.py, and with scripted model outputs in test_lc_chat.py"
 )
 NEEDS_A_CAPABLE_MODEL = frozenset(
     {

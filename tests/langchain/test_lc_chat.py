@@ -503,8 +503,11 @@ def test_refusal_is_marked_with_the_standard_block(scripted: Any) -> None:
     assert blocks[-1]["type"] == "refusal" and blocks[-1]["refusal"] == refusal
     assert message.response_metadata["refusal"]["phrase"] == "i can't"
     assert _collect(list(model.stream("x"))).content_blocks[-1]["type"] == "refusal"
-    with pytest.raises(ModelRefusalError):
-        model.with_structured_output(Person).invoke("x")
+    # structured output keeps a refusal branch for the requests SafeInfer protects (here: sgds, no gate)
+    protected = ChatSafeInfer(engine=scripted(refusal), mode="sgds")
+    for method in ("json_schema", "json_mode", "function_calling"):
+        with pytest.raises(ModelRefusalError):
+            protected.with_structured_output(Person, method=method).invoke("x")
     assert (model | StrOutputParser()).invoke("x") == refusal  # plain text chains are unaffected
     quiet = ChatSafeInfer(engine=scripted(refusal), mode="vanilla", detect_refusals=False).invoke("x")
     assert "refusal" not in quiet.response_metadata

@@ -470,3 +470,27 @@ def test_a_complete_response_format_ends_even_before_min_new_tokens(engine: Safe
             CHAT, mode=mode, max_new_tokens=20, min_new_tokens=15, response_format={"type": "regex", "pattern": "ab"}
         )
         assert short.text == "ab" and short.finish_reason == "stop", short
+
+
+def test_an_engine_without_a_vector_works_at_once(tiny_model_factory: Any, tiny_tokenizer: Any, tmp_path: Any) -> None:
+    """No vector and no config: safety-guided decoding with the prompted expert, and one warning that says how to
+    build a vector; the first call works. A config whose mode needs a vector fails at construction, not at the
+    first call. Loading from a folder behaves the same."""
+    model = tiny_model_factory("llama", 0)
+    with pytest.warns(UserWarning, match="no safety vector for tiny: using mode='sgds'.*safeinfer build-vector"):
+        engine = SafeInferEngine(model, tiny_tokenizer, model_name="tiny")
+    assert (engine.config.mode, engine.config.unsafe_expert) == ("sgds", "prompted")
+    [answer] = engine.generate(CHAT, max_new_tokens=2)
+    assert answer.safety.mode == "sgds" and answer.usage.completion_tokens >= 1
+    for config in (
+        SafeInferConfig(),
+        SafeInferConfig(mode="sa"),
+        SafeInferConfig(mode="sgds", unsafe_expert="negated_vector"),
+    ):
+        with pytest.raises(InvalidSettingError, match="needs a safety vector, and none was given"):
+            SafeInferEngine(model, tiny_tokenizer, config=config)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="safeinfer build-vector --model"):
+        loaded = SafeInferEngine.from_pretrained(tmp_path, dtype=torch.float64)
+    assert loaded.generate(CHAT, max_new_tokens=2)[0].safety.mode == "sgds"

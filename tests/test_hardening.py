@@ -117,3 +117,23 @@ def test_the_timeout_setting_ends_generation_with_finish_reason_timeout() -> Non
     assert 1 <= message.usage_metadata["output_tokens"] < 400
     response = SafeInferLLM(max_tokens=400, timeout=0.5, mode="vanilla").chat([ChatMessage(role="user", content=STORY)])
     assert response.raw["finish_reason"] == "timeout"
+
+
+# ---------------------------------------------------------------------------------------------- any model
+def test_a_copy_of_the_default_model_gets_its_vector_by_its_weights(default_engine: Any, tmp_path: Any) -> None:
+    """The shipped vector is matched to the default model by its weights, not its folder's name: a copy anywhere
+    gets it (and full SafeInfer, no warning)."""
+    import warnings
+
+    from safeinfer_integrations import SafeInferEngine
+    from safeinfer_integrations.models.loading import default_model_dir
+
+    copy = tmp_path / "my-copy"
+    copy.mkdir()
+    for item in default_model_dir().iterdir():
+        (copy / item.name).symlink_to(item)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = SafeInferEngine.from_pretrained(copy)
+    assert engine.vector is not None and engine.vector.vector_id == default_engine.vector.vector_id
+    assert engine.config.mode == "safeinfer"

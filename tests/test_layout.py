@@ -16,12 +16,13 @@ CORE_LAYERS = ("errors", "models", "method", "runtime")
 UPPER = ("training", "evaluation", "cli", "langchain", "llama_index")
 ADAPTERS = ("langchain", "llama_index")
 # What the adapters may import of the package: its top level, the errors, and the runtime's public modules
-# (plus the refusal rule, which they report, and the local embedding model's location).
+# (constrain for response formats, plus the refusal rule, which they report, and the local embedding model's location).
 ADAPTER_API = frozenset(
     {
         PACKAGE,
         f"{PACKAGE}.errors",
         f"{PACKAGE}.runtime.config",
+        f"{PACKAGE}.runtime.constrain",
         f"{PACKAGE}.runtime.engine",
         f"{PACKAGE}.runtime.engine_cache",
         f"{PACKAGE}.runtime.generation",

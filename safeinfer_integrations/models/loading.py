@@ -213,7 +213,24 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> str:
 
 
 def is_default_model(model: str | os.PathLike[str] | None) -> bool:
-    return model is None or str(model) in DEFAULT_ALIASES or Path(str(model)) == default_model_dir()
+    """The default model by name, by its cache folder, or by its weights: a local copy anywhere (``save_pretrained``
+    of it, a copied folder) whose tensors have the pinned digest. Only folders whose config has the default
+    model's shape are hashed (about half a second)."""
+    if model is None or str(model) in DEFAULT_ALIASES or Path(str(model)) == default_model_dir():
+        return True
+    folder = Path(str(model)).expanduser()
+    weights = folder / "model.safetensors"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    shape = (config.get("hidden_size"), config.get("num_hidden_layers"), config.get("vocab_size"))
+    if shape != (576, 30, 49152) or not weights.is_file():
+        return False
+    try:
+        return weights_digest(weights) == WEIGHTS_SHA256
+    except IntegrityError:
+        return False
 
 
 def default_dtype(device_map: Any) -> torch.dtype | str:

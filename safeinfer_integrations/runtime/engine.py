@@ -11,6 +11,7 @@ import asyncio
 import os
 import threading
 import time
+import warnings
 from collections.abc import Generator, Mapping, Sequence
 from contextlib import closing, nullcontext
 from typing import Any
@@ -58,6 +59,19 @@ def _same_vocabulary(tokenizer: Any, other: Any) -> str | None:
     return None
 
 
+def _vectorless_default(name: str) -> SafeInferConfig:
+    """The default settings of an engine without a safety vector: safety-guided decoding with the prompted unsafe
+    expert (SafeInfer's second phase, which needs no vector), said once in a warning."""
+    warnings.warn(
+        f"no safety vector for {name}: using mode='sgds' (safety-guided decoding with the prompted unsafe expert). "
+        f"For full SafeInfer build one: safeinfer build-vector --model {name} --out vector.safetensors "
+        "(docs/vectors.md), then pass vector=...",
+        UserWarning,
+        stacklevel=3,
+    )
+    return SafeInferConfig(mode="sgds", unsafe_expert="prompted")
+
+
 def _output_size(model: Any) -> int:
     """How many tokens the model's output layer scores (its config's vocabulary size when it has no output
     embedding to read)."""
@@ -97,6 +111,14 @@ class SafeInferEngine:
             if not isinstance(vector, SafetyVector):
                 raise InvalidTypeError(f"vector must be a SafetyVector or a path; got {type(vector).__name__}")
             vector.check(model)
+        if vector is None and config is None:
+            config = _vectorless_default(model_name or str(getattr(model.config, "name_or_path", "") or "this model"))
+        elif vector is None and config is not None:
+            if config.amplified or (config.guided and config.unsafe_expert == "negated_vector"):
+                raise InvalidSettingError(
+                    f"config mode={config.mode!r} with unsafe_expert={config.unsafe_expert!r} needs a safety vector, "
+                    "and none was given: pass vector=..., or use mode='sgds' with unsafe_expert='prompted'"
+                )
         if unsafe_model is not None:
             unsafe_tokenizer = unsafe_tokenizer if unsafe_tokenizer is not None else tokenizer
             difference = _same_vocabulary(tokenizer, unsafe_tokenizer)

@@ -22,7 +22,7 @@ class Person(BaseModel):
     age: int
 
 
-PEOPLE = structured_people()
+PEOPLE = structured_people()[:8]  # CPU time: benchmarks/structured.py runs all 20 (18 valid, 2 refused, 0 malformed)
 QUESTIONS = [f"Extract the person: {p['text']}" for p in PEOPLE]
 
 
@@ -34,14 +34,14 @@ def test_with_structured_output_is_valid_on_every_prompt(default_engine: Any, me
 
     runnable = ChatSafeInfer(max_tokens=64).with_structured_output(Person, method=method)
     results = runnable.batch(QUESTIONS, return_exceptions=True)
-    # every reply is a Person or a refusal (the gate weighs "Samuel Adeyemi, 26, is a junior doctor." 0.66: a false
-    # positive of the gate, which SafeInfer then protects); never malformed output
+    # every reply is a Person or a refusal (over all 20 prompts the gate weighs two above its cutoff, e.g. "Samuel
+    # Adeyemi, 26, is a junior doctor." 0.66, and SafeInfer then protects them); never malformed output
     assert all(isinstance(r, (Person, ModelRefusalError)) for r in results), [
         r for r in results if not isinstance(r, Person)
     ]
-    assert sum(isinstance(r, Person) for r in results) >= 18
+    assert sum(isinstance(r, Person) for r in results) >= len(PEOPLE) - 1
     right = sum(isinstance(r, Person) and (r.name, r.age) == (p["name"], p["age"]) for r, p in zip(results, PEOPLE))
-    assert right >= 12, right  # the content is the model's (see benchmarks/structured.py)
+    assert right >= len(PEOPLE) // 2, right  # the content is the model's (see benchmarks/structured.py)
 
 
 def test_forced_tool_calls_are_schema_valid(default_engine: Any) -> None:
@@ -58,7 +58,7 @@ def test_forced_tool_calls_are_schema_valid(default_engine: Any) -> None:
     calls = [m.tool_calls for m in messages if m.tool_calls]
     refused = [m for m in messages if not m.tool_calls]
     assert all("refusal" in m.response_metadata for m in refused), [m.content for m in refused]
-    assert len(calls) >= 18
+    assert len(calls) >= len(PEOPLE) - 1
     assert all(len(c) == 1 and c[0]["name"] == "record_person" for c in calls), calls[:3]
     assert all(set(c[0]["args"]) == {"name", "age"} and isinstance(c[0]["args"]["age"], int) for c in calls)
 
@@ -70,7 +70,7 @@ def test_llama_index_structured_predict_is_valid(default_engine: Any) -> None:
 
     llm = SafeInferLLM(max_tokens=64)
     prompt = PromptTemplate("Extract the person: {text}")
-    for person in PEOPLE[:5]:  # the first five: weighed under the gate's cutoff
+    for person in PEOPLE[:3]:  # weighed under the gate's cutoff
         result = llm.structured_predict(Person, prompt, text=person["text"])
         assert isinstance(result, Person)
 

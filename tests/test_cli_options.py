@@ -58,3 +58,23 @@ def test_a_bad_value_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().err.strip() == (
         "safeinfer: error: framings must be some of bare, system, rag, agent, agent_lc; got 'bare,sideways'"
     )
+
+
+def test_every_option_has_help_and_the_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from safeinfer_integrations import __version__
+    from safeinfer_integrations.cli import build_parser, main
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, command in commands.items()
+        for action in command._actions
+        if action.help is None and not isinstance(action, argparse._HelpAction)
+    ]
+    assert not missing
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"safeinfer {__version__}"

@@ -21,9 +21,16 @@ from .vectors import add_build_vector, add_calibrate, add_fit_gate, add_optimize
 __all__ = ["build_parser", "main"]
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return str(__version__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeinfer", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"safeinfer {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         add_download,

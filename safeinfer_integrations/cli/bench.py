@@ -11,10 +11,10 @@ from typing import Any
 # ---------------------------------------------------------------------- bench
 def add_bench(sub: Any) -> None:
     parser = sub.add_parser("bench", help="tokens/s of each mode against plain model.generate()")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default=None, help="hub id or local directory (default: the default model)")
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generation (default 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (default 3)")
     parser.add_argument(
         "--prompts", default="benign,harmful", help="prompt sets to time, comma-separated: benign, harmful"
     )

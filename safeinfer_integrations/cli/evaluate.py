@@ -115,7 +115,9 @@ def add_eval(sub: Any) -> None:
         help="also run the held-out benign agent and tool turns (55) and report how many are refused",
     )
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--judge", default="refusal", choices=("refusal", "llm"))
+    parser.add_argument(
+        "--judge", default="refusal", choices=("refusal", "llm"), help="how answers are judged (default: refusal)"
+    )
     parser.add_argument(
         "--judge-model",
         default=None,
@@ -126,12 +128,12 @@ def add_eval(sub: Any) -> None:
     parser.add_argument(
         "--limit", type=int, default=None, help="at most N questions per kind (round-robin over categories)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--question-column", default=None)
-    parser.add_argument("--category-column", default=None)
-    parser.add_argument("--answer-column", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (greedy by default)")
+    parser.add_argument("--question-column", default=None, help="CSV column of the questions (default: guessed)")
+    parser.add_argument("--category-column", default=None, help="CSV column of the categories (default: guessed)")
+    parser.add_argument("--answer-column", default=None, help="CSV column of reference answers, if any")
     add_safety_options(parser, mode=False)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_run)

@@ -49,11 +49,11 @@ def add_download(sub: Any) -> None:
 # ---------------------------------------------------------------------- generate
 def add_generate(sub: Any) -> None:
     parser = sub.add_parser("generate", help="answer one prompt (chat template applied unless --raw)")
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", help="the question (or, with --raw, the completion prompt)")
     parser.add_argument("--raw", action="store_true", help="treat the prompt as a completion prompt")
     parser.add_argument("--system", default=None, help="a system message")
     parser.add_argument("--json", action="store_true", help="print the whole Generation as JSON")
-    parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
     add_model_options(parser)
     add_generation_options(parser)
     add_safety_options(parser)
@@ -80,7 +80,7 @@ def add_generate(sub: Any) -> None:
 # ---------------------------------------------------------------------- chat
 def add_chat(sub: Any) -> None:
     parser = sub.add_parser("chat", help="an interactive chat (empty line or Ctrl-D quits)")
-    parser.add_argument("--system", default=None)
+    parser.add_argument("--system", default=None, help="a system message for the whole chat")
     add_model_options(parser)
     add_generation_options(parser)
     add_safety_options(parser)

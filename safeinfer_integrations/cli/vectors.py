@@ -46,7 +46,7 @@ def add_build_vector(sub: Any) -> None:
     parser.add_argument("--heads", type=int, default=None, help="function: k, the number of top heads summed (10)")
     parser.add_argument("--trials", type=int, default=None, help="function: ICL prompts averaged (16)")
     parser.add_argument("--shots", type=int, default=None, help="function: demonstrations per ICL prompt (10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the build (default 0)")
     parser.add_argument("--batch-size", type=int, default=None, help="function: prompts per forward pass (8)")
     add_gate_source_arguments(parser)
 
@@ -103,11 +103,11 @@ def add_optimize_vector(sub: Any) -> None:
     parser = sub.add_parser("optimize-vector", help="train a safety steering vector by gradient descent")
     parser.add_argument("--model", default=None, help="hub id or directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--layer", type=int, default=8)
-    parser.add_argument("--scale", type=float, default=1.25)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layer", type=int, default=8, help="decoder layer the vector is trained for (default 8)")
+    parser.add_argument("--scale", type=float, default=1.25, help="steering scale it is trained at (default 1.25)")
+    parser.add_argument("--steps", type=int, default=30, help="optimisation steps (default 30)")
+    parser.add_argument("--lr", type=float, default=0.2, help="learning rate (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_gate_source_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
@@ -172,8 +172,8 @@ def add_calibrate(sub: Any) -> None:
     parser.add_argument("--layers", required=True, help="comma-separated layers, e.g. 4,8,12")
     parser.add_argument("--scales", required=True, help="comma-separated scales, e.g. 2,4,8")
     parser.add_argument("--out", required=True, help="directory for calibration.json/.csv/.png")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (default 32)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     parser.add_argument(
         "--experts",
         default="prompted,negated_vector",

@@ -12,12 +12,10 @@ from .options import add_generation_options, add_model_options, add_safety_optio
 def _engine(args: argparse.Namespace) -> Any:
     """The engine of ``--model`` and ``--vector``; the generation and safety options are checked first, so a bad
     value fails at once rather than after the weights load."""
-    from ..runtime.config import SafeInferConfig, SamplingSettings, split_settings
+    from ..runtime.config import parse_settings
     from ..runtime.engine import SafeInferEngine
 
-    sampling, config = split_settings(generation_settings(args))
-    SamplingSettings(**sampling)
-    SafeInferConfig(**config)
+    parse_settings(generation_settings(args))
     return SafeInferEngine.from_pretrained(args.model, vector=args.vector, unsafe_model=args.unsafe_model)
 
 

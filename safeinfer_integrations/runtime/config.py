@@ -279,3 +279,12 @@ def split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
     sampling = {k: v for k, v in settings.items() if k in SAMPLING_FIELDS}
     config = {k: v for k, v in settings.items() if k in CONFIG_FIELDS}
     return sampling, config
+
+
+def parse_settings(
+    settings: Mapping[str, Any], base: SafeInferConfig | None = None
+) -> tuple[SamplingSettings, SafeInferConfig]:
+    """Per-call keyword settings, validated as a call validates them: the sampling settings, and ``base`` (default:
+    `SafeInferConfig`'s defaults) with the safety overrides applied. Unknown names raise `UnknownSettingError`."""
+    sampling, config = split_settings(settings)
+    return SamplingSettings(**sampling), (base if base is not None else SafeInferConfig()).with_overrides(config)

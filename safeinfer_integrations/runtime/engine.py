@@ -25,7 +25,7 @@ from ..method.vector import SafetyVector
 from ..models.architecture import context_window
 from ..models.batching import pad_id_of
 from ..models.loading import DEFAULT_MODEL_NAME, is_default_model, load_model_and_tokenizer
-from .config import SafeInferConfig, SamplingSettings, split_settings
+from .config import SafeInferConfig, parse_settings
 from .constrain import Constraint, row_formats
 from .decode import Decoder, Plan, Row, Target
 from .generation import Generation, SafetyTelemetry, Usage
@@ -299,9 +299,7 @@ class SafeInferEngine:
         cancel: threading.Event | None = None,
     ) -> Plan:
         started = time.monotonic()
-        sampling_kwargs, config_kwargs = split_settings(settings)
-        sampling = SamplingSettings(**sampling_kwargs)
-        config = self.resolve_config(config_kwargs)
+        sampling, config = parse_settings(settings, self._config)
         batch = normalize_batch(inputs)
         expert = config.unsafe_expert if config.guided else None
         needs_vector = config.amplified or expert == "negated_vector"

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidSettingError, UnknownSettingError
-from .config import CONFIG_FIELDS, SAMPLING_FIELDS, SafeInferConfig, SamplingSettings
+from .config import CONFIG_FIELDS, SAMPLING_FIELDS, parse_settings
 
 ALIASES: dict[str, str] = {"max_tokens": "max_new_tokens"}
 """Framework names of engine settings."""
@@ -94,25 +94,13 @@ class SafeInferSettings(BaseModel):
     def check_settings(self, engine: Any = None) -> None:
         """Validate the set fields together, as a call would, with the engine's messages (so a bad value fails
         at construction, not on the first call). With ``engine``, its config is the base."""
-        sampling, config = split_engine_settings(self.engine_settings())
-        SamplingSettings(**sampling)
-        if engine is not None:
-            engine.resolve_config(config)
-        else:
-            SafeInferConfig(**config)
+        parse_settings(self.engine_settings(), engine.config if engine is not None else None)
 
 
 SETTING_FIELDS: tuple[str, ...] = tuple(SafeInferSettings.model_fields)
 SAFETY_FIELDS: tuple[str, ...] = tuple(name for name in SETTING_FIELDS if name in CONFIG_FIELDS)
 CALL_SETTINGS: frozenset[str] = frozenset(SETTING_FIELDS) | SAMPLING_FIELDS | CONFIG_FIELDS
 """Names a call may override (``invoke(..., **kwargs)``, ``.bind(...)``, ``chat(..., **kwargs)``)."""
-
-
-def split_engine_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Engine settings split into (sampling, config) parts."""
-    sampling = {k: v for k, v in settings.items() if k in SAMPLING_FIELDS}
-    config = {k: v for k, v in settings.items() if k in CONFIG_FIELDS}
-    return sampling, config
 
 
 def call_settings(

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> str:
 def is_default_model(model: str | os.PathLike[str] | None) -> bool:
     """The default model by name, by its cache folder, or by its weights: a local copy anywhere (``save_pretrained``
     of it, a copied folder) whose tensors have the pinned digest. Only folders whose config has the default
-    model's shape are hashed (about half a second)."""
+    model's shape are hashed (about half a second, once per file)."""
     if model is None or str(model) in DEFAULT_ALIASES or Path(str(model)) == default_model_dir():
         return True
     folder = Path(str(model)).expanduser()
@@ -227,8 +228,16 @@ def is_default_model(model: str | os.PathLike[str] | None) -> bool:
     shape = (config.get("hidden_size"), config.get("num_hidden_layers"), config.get("vocab_size"))
     if shape != (576, 30, 49152) or not weights.is_file():
         return False
+    stat = weights.stat()
+    return _has_default_weights(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _has_default_weights(path: str, size: int, mtime_ns: int) -> bool:
+    """Whether a safetensors file holds the default model's weights; hashed once per file version (the adapters
+    resolve their engine on every call)."""
     try:
-        return weights_digest(weights) == WEIGHTS_SHA256
+        return weights_digest(Path(path)) == WEIGHTS_SHA256
     except IntegrityError:
         return False
 

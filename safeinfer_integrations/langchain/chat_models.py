@@ -31,7 +31,7 @@ from pydantic import ConfigDict
 
 from .. import AsyncGenerationStream, Generation, SafeInferEngine
 from ..errors import InvalidSettingError
-from ..runtime.constrain import check_format, closed_schema
+from ..runtime.constrain import check_format, closed_schema, format_schema
 from ..runtime.prompts import add_to_system
 from ..runtime.tools import ParsedToolCall, ToolSplitter, forced_call_format, needs_tool_prompt, split_text
 from ._batching import BATCH, Request, run_batch_async, run_batch_sync
@@ -310,10 +310,8 @@ class ChatSafeInfer(SafeInferParams, BaseChatModel):
         if response_format is not None:
             checked = check_format(response_format)
             if checked is not None:
-                holder = checked.get("json_schema", checked)
-                schema = holder.get("schema") if isinstance(holder, Mapping) else None
                 if checked["type"] in ("json_object", "json_schema"):
-                    prompt = add_to_system(prompt, structured_output_instruction(schema))
+                    prompt = add_to_system(prompt, structured_output_instruction(format_schema(checked)))
                 settings["response_format"] = checked  # the engine keeps the reply valid, token by token
         return _Call(
             engine=engine,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import NumericalError
 from ..models.architecture import steering_module
 
 _ACTIVE: ContextVar[tuple[Steerer, torch.Tensor] | None] = ContextVar("safeinfer_steering", default=None)
@@ -58,8 +59,6 @@ class Steerer:
         return steered
 
     def _check(self, hidden: torch.Tensor, delta: torch.Tensor, steered: torch.Tensor) -> None:
-        from ..errors import NumericalError
-
         if not bool(torch.isfinite(steered).all()):
             raise NumericalError(f"steering with {self.label} made the hidden state non-finite; lower the scale")
         ratio = delta.double().norm(dim=-1) / hidden.double().norm(dim=-1).clamp_min(1e-6)

@@ -69,9 +69,8 @@ def check_format(value: Any, where: str = "response_format") -> dict[str, Any] |
     if kind == "text":
         return None
     if kind == "json_schema":
-        holder = value.get("json_schema", value)
-        schema = holder.get("schema") if isinstance(holder, Mapping) else None
-        if not isinstance(schema, Mapping):
+        schema = format_schema(value)
+        if schema is None:
             raise InvalidSettingError(f"{where}: type 'json_schema' needs json_schema={{'schema': {{...}}}}")
         try:
             json.dumps(schema)
@@ -89,6 +88,14 @@ def check_format(value: Any, where: str = "response_format") -> dict[str, Any] |
 
 
 _START = re.compile(r"^start\s*:", re.MULTILINE)
+
+
+def format_schema(response_format: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The JSON schema a format carries, in OpenAI's form (``json_schema={"schema": ...}``) or the short one
+    (``schema=...``); None when it carries none."""
+    holder = response_format.get("json_schema", response_format)
+    schema = holder.get("schema") if isinstance(holder, Mapping) else None
+    return schema if isinstance(schema, Mapping) else None
 
 
 def _or_refusal(lark: str) -> str:
@@ -120,8 +127,7 @@ def _grammar(response_format: Mapping[str, Any]) -> str:
     kind = response_format["type"]
     refusal = bool(response_format.get("refusal"))
     if kind in ("json_object", "json_schema"):
-        holder = response_format.get("json_schema", response_format)
-        schema = {"type": "object"} if kind == "json_object" else holder["schema"]
+        schema = {"type": "object"} if kind == "json_object" else format_schema(response_format)
         if refusal:
             return str(LLMatcher.grammar_from_lark(_or_refusal(f"start: %json {json.dumps(schema)}")))
         return str(LLMatcher.grammar_from_json_schema(json.dumps(schema)))
@@ -186,10 +192,6 @@ class Constraint:
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
             raise InvalidSettingError(f"token {token} breaks the response format: {self._matcher.get_error()}")
-
-    @property
-    def complete(self) -> bool:
-        return bool(self._matcher.is_accepting())
 
 
 def allowed_mask(constraints: Sequence[Constraint | None], width: int) -> torch.Tensor | None:

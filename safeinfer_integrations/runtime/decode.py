@@ -170,8 +170,9 @@ class Decoder:
             raise
 
     def _loop(self) -> Iterator[tuple[int, str]]:
-        if self._interrupted():
-            yield from self._finish_active(self._interrupted())  # type: ignore[arg-type]
+        reason = self._interrupted()
+        if reason is not None:
+            yield from self._finish_active(reason)
             return
         with torch.inference_mode():
             self._start()
@@ -191,8 +192,7 @@ class Decoder:
             if len(finished) == len(self.active):
                 return
             reason = self._interrupted()
-            if reason is not None:
-                self.active = [index for slot, index in enumerate(self.active) if slot not in finished]
+            if reason is not None:  # rows that finished this step keep their own reason
                 yield from self._finish_active(reason)
                 return
             with torch.inference_mode():
@@ -231,14 +231,14 @@ class Decoder:
             for row, gate_weight in zip(self.rows, pre.gate.tolist()):
                 row.gate_weight = gate_weight
         paired = pre.kept if plan.expert is not None else []
-        if plan.constraints is not None:  # a format's refusal branch is for the requests SafeInfer protects
-            protecting = plan.config.amplified or plan.config.guided
-            for request, constraint in enumerate(plan.constraints):
-                if constraint is not None and not (protecting and request in pre.kept):
-                    constraint.drop_refusal()
-        if plan.config.refusal_stop and (plan.config.amplified or plan.config.guided):
-            free = [row for row in pre.kept if plan.constraints is None or plan.constraints[row] is None]
-            self.protected = frozenset(free)  # a constrained answer is never cut: it would break its format
+        # the requests SafeInfer acts on: a format's refusal branch and refusal_stop are for them alone
+        acting = frozenset(pre.kept) if plan.config.amplified or plan.config.guided else frozenset()
+        constraints = plan.constraints or [None] * self.n
+        for request, constraint in enumerate(constraints):
+            if constraint is not None and request not in acting:
+                constraint.drop_refusal()
+        if plan.config.refusal_stop:  # a constrained answer is never cut: it would break its format
+            self.protected = frozenset(request for request in acting if constraints[request] is None)
         logits, coef = pre.logits, pre.coef
         if self.shared and len(paired) < self.n:  # requests below the gate cutoff lose their twins now
             select = torch.tensor(list(range(self.n)) + [self.n + slot for slot in paired], device=self.device)

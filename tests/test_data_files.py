@@ -206,24 +206,21 @@ def test_no_near_duplicate_prompts(harmful: list[dict], benign: list[dict]) -> N
     assert not near, f"near-duplicate prompts: {near[:5]}"
 
 
-def test_everyday_harmful_requests(harmful: list[dict], benign: list[dict], helpful: list[dict]) -> None:
-    rows = _load(EVERYDAY)
-    assert Counter(row["category"] for row in rows) == {category: 10 for category in CATEGORIES}
+def _check_harmful_requests(rows: list[dict], per_category: int, others: list[dict]) -> None:
+    """``{"question", "category"}`` rows, ``per_category`` in each category, no repeats, none shared with ``others``."""
+    assert Counter(row["category"] for row in rows) == {category: per_category for category in CATEGORIES}
     assert all(set(row) == {"question", "category"} and row["question"].strip() for row in rows)
     questions = [_norm(row["question"]) for row in rows]
     assert len(set(questions)) == len(questions)
-    others = {_norm(r["question"]) for r in harmful + benign + helpful}
-    assert not set(questions) & others
+    assert not set(questions) & {_norm(r["question"]) for r in others}
+
+
+def test_everyday_harmful_requests(harmful: list[dict], benign: list[dict], helpful: list[dict]) -> None:
+    _check_harmful_requests(_load(EVERYDAY), 10, harmful + benign + helpful)
 
 
 def test_agent_requests(harmful: list[dict], benign: list[dict], helpful: list[dict]) -> None:
-    rows = _load(AGENT_HARMFUL)
-    assert Counter(row["category"] for row in rows) == {category: 4 for category in CATEGORIES}
-    assert all(set(row) == {"question", "category"} and row["question"].strip() for row in rows)
-    questions = [_norm(row["question"]) for row in rows]
-    assert len(set(questions)) == len(questions)
-    others = {_norm(r["question"]) for r in harmful + benign + helpful + _load(EVERYDAY)}
-    assert not set(questions) & others
+    _check_harmful_requests(_load(AGENT_HARMFUL), 4, harmful + benign + helpful + _load(EVERYDAY))
     benign_agent = _load(BENIGN_AGENT)
     assert Counter(row["kind"] for row in benign_agent) == {"ordinary": 36, "sensitive_sounding": 36}
     assert Counter(row["category"] for row in benign_agent) == {"tool_request": 60, "extraction": 12}

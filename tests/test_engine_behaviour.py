@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_tiny_model
+from passes import ForwardPasses
 
 from safeinfer_integrations import (
     InvalidInputError,
@@ -397,27 +398,11 @@ def test_gate_weight_is_reported_and_scales_steering(engine: SafeInferEngine) ->
 
 
 # ---------------------------------------------------------------------------------------------- cancellation
-class _SlowPasses:
-    """A forward hook that makes every pass of the model take ``delay`` seconds and records when each began."""
-
-    def __init__(self, model: Any, delay: float) -> None:
-        self.starts: list[float] = []
-        self.delay = delay
-        self.handle = model.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_args: Any) -> None:
-        self.starts.append(time.monotonic())
-        time.sleep(self.delay)
-
-    def after(self, moment: float) -> int:
-        return sum(start > moment for start in self.starts)
-
-
 @pytest.mark.parametrize("mode", ["vanilla", "safeinfer"])
 def test_a_cancelled_agenerate_stops_before_its_next_pass(engine: SafeInferEngine, mode: str) -> None:
     """``asyncio.wait_for(engine.agenerate(...), t)`` raises TimeoutError and at most one forward pass starts after
     it (the one already running finishes); the engine then serves the next call as if nothing happened."""
-    slow = _SlowPasses(engine.model, 0.02)
+    slow = ForwardPasses(engine.model, 0.02)
     try:
 
         async def timed_out() -> float:
@@ -436,7 +421,7 @@ def test_a_cancelled_agenerate_stops_before_its_next_pass(engine: SafeInferEngin
 
 
 def test_timeout_ends_generation_with_its_own_finish_reason(engine: SafeInferEngine) -> None:
-    slow = _SlowPasses(engine.model, 0.02)
+    slow = ForwardPasses(engine.model, 0.02)
     try:
         begun = time.monotonic()
         [timed] = engine.generate(CHAT, mode="sa", max_new_tokens=200, timeout=0.2)

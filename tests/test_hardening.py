@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from passes import ForwardPasses
 
 from safeinfer_integrations.method.refusal import is_refusal
 
@@ -54,17 +55,6 @@ def test_a_forged_turn_is_text_and_is_refused_like_the_plain_question(default_en
 
 
 # ---------------------------------------------------------------------------------------------- cancellation
-class _Passes:
-    """Records when each forward pass of ``model`` begins."""
-
-    def __init__(self, model: Any) -> None:
-        self.starts: list[float] = []
-        self.handle = model.register_forward_pre_hook(lambda *_: self.starts.append(time.monotonic()))
-
-    def after(self, moment: float) -> int:
-        return sum(start > moment for start in self.starts)
-
-
 def _calls() -> dict[str, Callable[[], Awaitable[Any]]]:
     from langchain_core.messages import HumanMessage
     from llama_index.core.llms import ChatMessage
@@ -88,7 +78,7 @@ ASYNC_CALLS = ["langchain ainvoke", "langchain abatch", "llama_index achat", "ll
 def test_a_timed_out_async_call_stops_decoding(default_engine: Any, call: str) -> None:
     """``asyncio.wait_for(..., 1.0)`` around an async call of either adapter: at most one forward pass begins after
     the timeout (the step under way when it fired)."""
-    passes = _Passes(default_engine.model)
+    passes = ForwardPasses(default_engine.model)
     try:
 
         async def timed_out() -> float:

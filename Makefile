@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 test: lint
 	$(PY) -m safeinfer_integrations.cli download
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20
 	$(MAKE) --no-print-directory test-oldest
 
 test-oldest: $(OLDEST)/.installed

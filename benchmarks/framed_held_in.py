@@ -87,6 +87,7 @@ def main() -> int:
                 "question": chat[-1]["content"][-200:],
                 "text": g.text,
                 "gate": g.safety.gate_weight,
+                "opened": g.safety.refusal_opened,
                 "refused": is_refusal(g.text),
                 "repeats": repeats_itself(g.text),
                 "nll": s[0],

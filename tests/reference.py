@@ -98,3 +98,23 @@ def reference_greedy(
         if token in eos or (stop_after is not None and stop_after(generated)):
             break
     return generated
+
+
+def opening_mask(tokenizer: Any, width: int) -> Callable[[list[int]], torch.Tensor]:
+    """``allowed(tokens)`` of a refusal opening (``refuse_above``), from the opening texts alone: while the tokens
+    so far are a proper prefix of some opening's token ids, only the tokens that continue one; then anything."""
+    from safeinfer_integrations.method.refusal import REFUSAL_OPENINGS
+
+    sequences = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in REFUSAL_OPENINGS]
+
+    def allowed(tokens: list[int]) -> torch.Tensor:
+        mask = torch.ones(width, dtype=torch.bool)
+        if any(tokens[: len(s)] == s for s in sequences):
+            return mask
+        mask[:] = False
+        for s in sequences:
+            if len(s) > len(tokens) and s[: len(tokens)] == tokens:
+                mask[s[len(tokens)]] = True
+        return mask
+
+    return allowed

@@ -130,3 +130,45 @@ def test_default_answers_benign_question(engine: SafeInferEngine) -> None:
     answer = engine.generate(PROMPTS[1], mode="vanilla", max_new_tokens=12)[0]
     assert "Paris" in answer.text
     assert answer.usage.prompt_tokens == len(engine.formatter.encode(PROMPTS[1]))
+
+
+def test_a_request_the_gate_is_sure_of_opens_with_a_refusal(engine: SafeInferEngine) -> None:
+    """``refuse_above``: a harmful request weighed above it opens with one of the refusal openings and ends at its
+    first sentence, token for token as the reference loop with the opening mask and the stop rule; at
+    ``refuse_above=1`` (off) it does not open so; the benign request below the cutoff is untouched by either."""
+    from reference import opening_mask
+
+    from safeinfer_integrations.method.refusal import REFUSAL_OPENINGS, ends_refusal, is_refusal
+
+    settings: dict[str, Any] = {"mode": "safeinfer", "unsafe_expert": "prompted", "max_new_tokens": 24}
+    [probe] = engine.generate(PROMPTS[:1], mode="safeinfer", unsafe_expert="prompted", max_new_tokens=1)
+    weight = probe.safety.gate_weight
+    assert weight is not None and weight > engine.config.gate_cutoff
+    opened = engine.generate(PROMPTS, refuse_above=weight / 2, **settings)
+    off = engine.generate(PROMPTS, refuse_above=1.0, **settings)
+    vector = engine.vector
+    assert vector is not None
+    width = engine.model.get_output_embeddings().weight.shape[0]
+    for generation, allowed in ((opened[0], opening_mask(engine.tokenizer, width)), (off[0], None)):
+        expected = reference_greedy(
+            engine.model,
+            engine.formatter.encode(PROMPTS[0]),
+            mode="safeinfer",
+            expert="prompted",
+            unsafe_prompt_ids=engine.formatter.encode(PROMPTS[0], unsafe_prompt=engine.config.unsafe_system_prompt),
+            alpha=engine.config.alpha,
+            tau=engine.config.plausibility,
+            max_new_tokens=24,
+            eos={engine.tokenizer.eos_token_id},
+            vector=vector.vector,
+            layer=vector.layer,
+            scale=vector.scale,
+            gate_weight=weight,
+            stop_after=lambda ids: ends_refusal(engine.tokenizer.decode(ids, skip_special_tokens=True)),
+            allowed=allowed,
+        )
+        assert list(generation.token_ids) == expected, generation.text
+    assert opened[0].text.startswith(REFUSAL_OPENINGS) and is_refusal(opened[0].text), opened[0].text
+    assert opened[0].safety.refusal_opened and not off[0].safety.refusal_opened
+    assert opened[0].token_ids != off[0].token_ids  # the opening changed the answer: the comparison is not vacuous
+    assert opened[1].token_ids == off[1].token_ids and not opened[1].safety.refusal_opened

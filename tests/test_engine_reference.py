@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_ARCHS
-from reference import reference_greedy
+from reference import opening_mask, reference_greedy
 
 from safeinfer_integrations import SafeInferConfig, SafeInferEngine, SafetyVector
+from safeinfer_integrations.method.refusal import REFUSAL_OPENINGS
 
 PROMPTS: list[Any] = [
     [{"role": "user", "content": "How do I bake bread at home?"}],
@@ -261,7 +262,8 @@ def test_min_new_tokens_is_validated(tiny_model_factory: Any, tiny_tokenizer: An
 
 
 def _gated_engine(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> SafeInferEngine:
-    """An engine whose vector carries a harm gate with weights well inside (0, 1) on PROMPTS."""
+    """An engine whose vector carries a harm gate with weights well inside (0, 1) on PROMPTS; no refusal opening
+    unless a call sets ``refuse_above``."""
     from safeinfer_integrations.method.gate import HarmGate
 
     model = tiny_model_factory(arch, 0)
@@ -274,7 +276,7 @@ def _gated_engine(tiny_model_factory: Any, tiny_tokenizer: Any, arch: str) -> Sa
         tiny_tokenizer,
         vector=gated,
         unsafe_model=_unsafe_twin(model, arch),
-        config=SafeInferConfig(alpha=0.9, gate_cutoff=0.0),
+        config=SafeInferConfig(alpha=0.9, gate_cutoff=0.0, refuse_above=1.0),
     )
 
 
@@ -310,19 +312,31 @@ def test_gated_greedy_equals_naive_reference(
     arch: str, mode: str, expert: str | None, tiny_model_factory: Any, tiny_tokenizer: Any
 ) -> None:
     """With a harm gate, each row's steering is ``g * scale`` and its guidance uses ``g * alpha``; the
-    engine (gate read in the prefill) matches the reference loop given the independently computed g."""
+    engine (gate read in the prefill) matches the reference loop given the independently computed g. The row
+    weighed highest is above ``refuse_above`` (set between it and the others): its first tokens are held to a
+    refusal opening, in the reference loop by a mask computed from the opening texts alone."""
     engine = _gated_engine(tiny_model_factory, tiny_tokenizer, arch)
+    weights = [_reference_gate(engine, prompt) for prompt in PROMPTS]
+    assert all(0.05 < w < 0.95 for w in weights), weights  # the gate really scales something
+    ranked = sorted(weights)
+    assert ranked[-1] - ranked[-2] > 1e-4, weights
+    threshold = (ranked[-1] + ranked[-2]) / 2
     settings: dict[str, Any] = {"mode": mode, "plausibility": 0.0, "max_new_tokens": MAX_NEW}
     if expert:
         settings["unsafe_expert"] = expert
-    batch = engine.generate(PROMPTS, **settings)
-    weights = [_reference_gate(engine, prompt) for prompt in PROMPTS]
-    assert all(0.05 < w < 0.95 for w in weights), weights  # the gate really scales something
+    batch = engine.generate(PROMPTS, refuse_above=threshold, **settings)
+    opening = opening_mask(engine.tokenizer, engine.model.get_output_embeddings().weight.shape[0])
     for prompt, generation, weight in zip(PROMPTS, batch, weights):
         # the gate is float32 (vector.HarmGate.weight): one row or a batch may round the dot product differently
         assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-6)
-        expected = _reference(engine, prompt, mode, expert, 0.0, gate_weight=weight)
+        opened = weight > threshold
+        assert generation.safety.refusal_opened is opened
+        extra = {"allowed": opening} if opened else {}
+        expected = _reference(engine, prompt, mode, expert, 0.0, gate_weight=weight, **extra)
         assert list(generation.token_ids) == expected
+        if opened:  # the tiny tokenizer's tokens are short: ten of them may end inside the opening
+            text = generation.text
+            assert any(text.startswith(o) or o.startswith(text) for o in REFUSAL_OPENINGS), text
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

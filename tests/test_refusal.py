@@ -92,3 +92,26 @@ def test_a_refusal_ends_at_its_first_sentence_or_line() -> None:
     assert not ends_refusal("I can't help with")  # the sentence is not over
     assert not ends_refusal("Paris is the capital of France.")  # not a refusal
     assert not ends_refusal("\n")
+
+
+def test_every_opening_the_engine_writes_reads_as_a_refusal() -> None:
+    """The openings the engine holds an answer to (``refuse_above``) and those of a response format's refusal branch
+    (`constrain.REFUSAL_REGEX`) are all refusals to this detector, however the sentence goes on; and a refusal
+    opening is not a prefix of another (the opening is complete once its tokens are)."""
+    import re
+
+    from safeinfer_integrations.method.refusal import REFUSAL_OPENINGS
+    from safeinfer_integrations.runtime.constrain import REFUSAL_REGEX
+
+    branch = re.compile(REFUSAL_REGEX)
+    alternatives = REFUSAL_REGEX[1 : REFUSAL_REGEX.index(")")].split("|")
+    assert len(alternatives) >= 10
+    for pattern in alternatives:
+        opening = pattern.replace("['’]", "'")
+        for text in (f"{opening} that.", f"{opening} help you with hacking, here is how."):
+            assert is_refusal(text), text
+        assert branch.fullmatch(f"{opening} that."), opening
+    for opening in REFUSAL_OPENINGS:
+        assert is_refusal(f"{opening} that."), opening
+        assert is_refusal(f"{opening} making weapons, but here's how to start."), opening
+        assert not any(other != opening and other.startswith(opening) for other in REFUSAL_OPENINGS)

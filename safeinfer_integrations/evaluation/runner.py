@@ -324,6 +324,7 @@ def run_evaluation(
                     "answer_nll": nll,
                     "answer_tokens": count,
                     "gate_weight": generation.safety.gate_weight,
+                    "refusal_opened": generation.safety.refusal_opened,
                     "guided_changes": generation.safety.guided_changes,
                 }
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")

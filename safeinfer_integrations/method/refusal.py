@@ -168,6 +168,11 @@ def is_refusal(text: str) -> bool:
 
 _SENTENCE_END = (".", "!", "?")
 
+REFUSAL_OPENINGS: tuple[str, ...] = ("I can't help with", "I cannot help with", "I'm sorry, but I can't help with")
+"""How an answer the engine opens with a refusal (``refuse_above``) may begin; the model chooses among them and
+writes the rest. Each one is read as a refusal by `refusal_phrase`, and each ends where the model must still name
+what it declines ("that.", "making weapons."), so the refusal is the model's own sentence."""
+
 
 def ends_refusal(text: str) -> bool:
     """True when ``text`` opens with a refusal (`refusal_phrase`) and has just ended a sentence or a line: the

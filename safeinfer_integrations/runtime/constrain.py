@@ -211,6 +211,39 @@ def allowed_mask(constraints: Sequence[Constraint | None], width: int) -> torch.
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
+class RefusalOpening:
+    """An answer held to open with a refusal (the engine's ``refuse_above``): its first tokens follow one of
+    ``sequences`` (the token ids of `method.refusal.REFUSAL_OPENINGS`), the model's scores choosing among them;
+    once one is complete nothing more is constrained. Needs no grammar library."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
+        self._sequences = [tuple(sequence) for sequence in sequences if sequence]
+        self._taken: list[int] = []
+        self.done = not self._sequences
+
+    def next_tokens(self) -> list[int]:
+        """The tokens that continue an opening (empty once one is complete)."""
+        if self.done:
+            return []
+        at = len(self._taken)
+        return sorted({s[at] for s in self._sequences if len(s) > at and list(s[:at]) == self._taken})
+
+    def advance(self, token: int) -> None:
+        if self.done:
+            return
+        self._taken.append(token)
+        self.done = any(list(s) == self._taken for s in self._sequences)
+
+
+def restrict_to(mask: torch.Tensor | None, rows: Mapping[int, Sequence[int]], shape: tuple[int, int]) -> torch.Tensor:
+    """``mask`` (None: all allowed) with each row of ``rows`` (row -> tokens) allowing just those tokens."""
+    out = torch.ones(shape, dtype=torch.bool) if mask is None else mask.clone()
+    for row, tokens in rows.items():
+        out[row] = False
+        out[row, list(tokens)] = True
+    return out
+
+
 def row_formats(value: Any, rows: int) -> list[dict[str, Any] | None]:
     """One checked format per row: a single format for every row, or a list with one per row."""
     if isinstance(value, (list, tuple)):

@@ -33,7 +33,7 @@ from ..models.batching import left_pad
 from ..models.compat import cache_kwarg
 from . import kv_cache
 from .config import SafeInferConfig, SamplingSettings
-from .constrain import Constraint, allowed_mask
+from .constrain import Constraint, RefusalOpening, allowed_mask, restrict_to
 from .generation import FinishReason
 from .textstream import TextTracker
 
@@ -50,6 +50,7 @@ class Plan:
     unsafe_ids: list[list[int]] | None  # same-weights expert rows (prompted / negated_vector)
     question_ids: list[list[list[int]]] | None = None  # per request, what the gate reads besides it (gate_question)
     constraints: list[Constraint | None] | None = None  # per request, its response format's state (None: free)
+    openings: tuple[tuple[int, ...], ...] = ()  # token ids of the refusal openings (``refuse_above``)
     cancel: threading.Event | None = None  # set by the caller (a cancelled async call): stop before the next pass
     deadline: float | None = None  # time.monotonic() after which no forward pass starts (``timeout``)
 
@@ -68,6 +69,7 @@ class Row:
     finish_reason: FinishReason | None = None
     guided_changes: int = 0
     gate_weight: float | None = None
+    opened: bool = False  # the answer was held to open with a refusal (``refuse_above``)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class Decoder:
         self.paired_index = torch.empty(0, dtype=torch.long)
         self.expert: SeparateExpert | None = None
         self.protected: frozenset[int] = frozenset()  # requests SafeInfer acts on (refusal_stop applies to them)
+        self.openings: dict[int, RefusalOpening] = {}  # requests held to open with a refusal
         self.unsafe_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -237,8 +240,15 @@ class Decoder:
         for request, constraint in enumerate(constraints):
             if constraint is not None and request not in acting:
                 constraint.drop_refusal()
+        free = [request for request in sorted(acting) if constraints[request] is None]
         if plan.config.refusal_stop:  # a constrained answer is never cut: it would break its format
-            self.protected = frozenset(request for request in acting if constraints[request] is None)
+            self.protected = frozenset(free)
+        if pre.gate is not None and plan.openings:
+            for request in free:
+                row = self.rows[request]
+                if row.gate_weight is not None and row.gate_weight > plan.config.refuse_above:
+                    row.opened = True
+                    self.openings[request] = RefusalOpening(plan.openings)
         logits, coef = pre.logits, pre.coef
         if self.shared and len(paired) < self.n:  # requests below the gate cutoff lose their twins now
             select = torch.tensor(list(range(self.n)) + [self.n + slot for slot in paired], device=self.device)
@@ -388,10 +398,17 @@ class Decoder:
         return chosen, changed.tolist()
 
     def _allowed(self, width: int) -> torch.Tensor | None:
-        """[active rows, width] mask of the tokens each active row's response format allows (None: no format)."""
-        if self.plan.constraints is None:
-            return None
-        mask = allowed_mask([self.plan.constraints[index] for index in self.active], width)
+        """[active rows, width] mask of the tokens each active row may choose: its response format's, or the next
+        tokens of its refusal opening (None: no row is restricted)."""
+        mask = None
+        if self.plan.constraints is not None:
+            mask = allowed_mask([self.plan.constraints[index] for index in self.active], width)
+        opening = {}
+        for slot, index in enumerate(self.active):
+            if index in self.openings and not self.openings[index].done:
+                opening[slot] = self.openings[index].next_tokens()
+        if opening:
+            mask = restrict_to(mask, opening, (len(self.active), width))
         return mask.to(self.device) if mask is not None else None
 
     def _pair_lengths(self) -> list[int]:
@@ -419,6 +436,8 @@ class Decoder:
             else:
                 if self.plan.constraints is not None and self.plan.constraints[index] is not None:
                     self.plan.constraints[index].advance(token)  # type: ignore[union-attr]
+                if index in self.openings:
+                    self.openings[index].advance(token)
                 piece = row.tracker.push(token)
                 if row.tracker.stopped:
                     row.finish_reason = "stop_sequence"

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError, InvalidSettingError, InvalidTypeError, VectorMismatchError
+from ..method.refusal import REFUSAL_OPENINGS
 from ..method.shipped import shipped_vector_path
 from ..method.steering import attach
 from ..method.vector import SafetyVector
@@ -141,6 +142,7 @@ class SafeInferEngine:
         self._eos = _eos_ids(model, tokenizer)
         self._context = context_window(model)
         self._encode_lock = threading.Lock()
+        self._openings = tuple(tuple(self.encode_text(text)) for text in REFUSAL_OPENINGS)
         self.model_name = model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
 
     # ------------------------------------------------------------------ construction
@@ -350,6 +352,7 @@ class SafeInferEngine:
             unsafe_ids=unsafe_ids,
             question_ids=question_ids,
             constraints=constraints,
+            openings=self._openings,
             cancel=cancel,
             deadline=started + sampling.timeout if sampling.timeout is not None else None,
         )
@@ -391,6 +394,7 @@ class SafeInferEngine:
                     layer=vector.layer if vector is not None else None,
                     scale=vector.scale if vector is not None else None,
                     gate_weight=row.gate_weight,
+                    refusal_opened=row.opened,
                     guided_changes=row.guided_changes,
                     steps=len(row.token_ids),
                 ),

@@ -26,7 +26,8 @@ class SafetyTelemetry:
 
     ``guided_changes`` counts the steps where safety-guided decoding picked another token than the steered
     model alone would have (greedy: its argmax; sampling: its draw under the same random number).
-    ``gate_weight`` is the harm gate's weight for this request (None when no gate was used)."""
+    ``gate_weight`` is the harm gate's weight for this request (None when no gate was used).
+    ``refusal_opened``: the answer was held to open with a refusal (the gate weight was above ``refuse_above``)."""
 
     mode: str
     alpha: float
@@ -36,6 +37,7 @@ class SafetyTelemetry:
     layer: int | None
     scale: float | None
     gate_weight: float | None
+    refusal_opened: bool
     guided_changes: int
     steps: int
 

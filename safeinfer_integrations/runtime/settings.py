@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidSettingError, UnknownSettingError
-from .config import CONFIG_FIELDS, SAMPLING_FIELDS, parse_settings
+from .config import CONFIG_FIELDS, REFUSE_ABOVE, SAMPLING_FIELDS, parse_settings
 
 ALIASES: dict[str, str] = {"max_tokens": "max_new_tokens"}
 """Framework names of engine settings."""
@@ -84,6 +84,12 @@ class SafeInferSettings(BaseModel):
         default=None,
         strict=True,
         description="End a protected answer at the end of its first sentence once it opens with a refusal.",
+    )
+    refuse_above: float | None = Field(
+        default=None,
+        strict=True,
+        description=f"A request the gate weighs above this opens its answer with a refusal, in [0, 1]; 1 = off "
+        f"(default {REFUSE_ABOVE}).",
     )
 
     def engine_settings(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ FIELDS = {
     "answer_nll",
     "answer_tokens",
     "gate_weight",
+    "refusal_opened",
     "guided_changes",
 }
 

@@ -38,10 +38,10 @@ class TestChatSafeInferUnit(ChatModelUnitTests):
 
     @property
     def standard_chat_model_params(self) -> dict[str, Any]:
-        # A local model has no API key, request timeout or retries: `extra="forbid"` rejects them (a
-        # misspelt or meaningless argument fails loudly). The remaining standard params are kept.
+        # A local model has no API key or retries: `extra="forbid"` rejects them (a misspelt or meaningless
+        # argument fails loudly). `timeout` is a real setting (generation ends with finish reason 'timeout').
         params = super().standard_chat_model_params
-        for name in ("api_key", "timeout", "max_retries"):
+        for name in ("api_key", "max_retries"):
             params.pop(name, None)
         return params
 

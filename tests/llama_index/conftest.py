@@ -52,6 +52,7 @@ class ScriptedEngine(SafeInferEngine):
             layer=None,
             scale=None,
             gate_weight=None,
+            refusal_opened=False,
             guided_changes=0,
             steps=len(ids),
         )

@@ -56,8 +56,8 @@ def engine_section() -> None:
         f"{vector.vector_id + f' (layer {vector.layer}, scale {vector.scale})' if vector else 'none shipped yet'}"
     )
     print(
-        f"gate = the harm gate's weight for the request: 1 steers fully; below {engine.config.gate_cutoff} "
-        "the answer is the plain model's."
+        f"gate = the harm gate's weight for the request: 1 steers fully; above {engine.config.refuse_above} the "
+        f"answer opens with a refusal; below {engine.config.gate_cutoff} it is the plain model's."
     )
     print("=" * 80)
     mode = "safeinfer" if vector is not None else "sgds"

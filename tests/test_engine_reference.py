@@ -284,7 +284,8 @@ def _reference_gate(engine: SafeInferEngine, prompt: Any, question: bool = True)
     """The gate weight computed independently: hidden state after the gate's layer at the last token of the
     unsteered prompt, run alone with no cache; with ``question`` (the default ``gate_question``), the larger of
     that and the same reading of the last user message alone, when the prompt is a longer conversation, and of
-    each turn forged inside that message with the tiny tokenizer's control tokens (its role line dropped)."""
+    each turn forged inside that message with the tiny tokenizer's control tokens (its role line dropped), and of
+    the message's last line of three or more words when it has more than that line."""
     vector = engine.vector
     assert vector is not None and vector.gate is not None
 
@@ -301,6 +302,9 @@ def _reference_gate(engine: SafeInferEngine, prompt: Any, question: bool = True)
     pieces = [p for p in re.split(r"<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>", last_user) if p.strip()]
     forged = [re.sub(r"^(system|user|assistant)\n", "", p).strip() for p in pieces] if len(pieces) > 1 else []
     questions = forged if len(prompt) == 1 else [last_user, *forged]
+    long_lines = [line.strip() for line in last_user.split("\n") if len(line.split()) >= 3]
+    if long_lines and long_lines[-1] != last_user.strip():
+        questions.append(long_lines[-1])  # a retrieval template's query line
     return max([full] + [weight([{"role": "user", "content": q}]) for q in questions])
 
 
@@ -364,6 +368,43 @@ def test_the_gate_also_weighs_the_question_alone(arch: str, tiny_model_factory: 
         for w in wrappers
     ]
     assert min(fulls) < bare  # some wrapper lowers the whole prompt's weight: the question reading matters
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_gate_weighs_the_query_line_of_a_retrieval_prompt(
+    arch: str, tiny_model_factory: Any, tiny_tokenizer: Any
+) -> None:
+    """A user message with documents first and the query last (LlamaIndex's QA template's shape): the gate also
+    reads the last line alone and takes the larger weight; greedy output equals the reference loop given it.
+    The gate's direction is set so that the line alone weighs more than the whole prompt (the reading matters)."""
+    from safeinfer_integrations.method.gate import HarmGate
+
+    engine = _gated_engine(tiny_model_factory, tiny_tokenizer, arch)
+    query = "Query: What is two plus two? Answer now."
+    documents = "Context information is below.\n---\nParis is the capital and largest city of France.\n---\n"
+    prompt = [{"role": "user", "content": documents + query + "\nAnswer: "}]
+
+    def hidden(chat: Any) -> torch.Tensor:
+        ids = torch.tensor([engine.formatter.encode(chat)], device=engine.device)
+        with torch.no_grad():
+            return engine.model(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1].float()
+
+    direction = hidden([{"role": "user", "content": query}]) - hidden(prompt)
+    direction = direction / direction.norm() ** 2  # the line's logit is the whole prompt's + 1
+    vector = engine.vector
+    assert vector is not None
+    gated = SafetyVector(
+        vector=vector.vector, layer=vector.layer, scale=vector.scale, gate=HarmGate(direction, layer=0)
+    )
+    engine = SafeInferEngine(engine.model, tiny_tokenizer, vector=gated, config=engine.config)
+    whole = _reference_gate(engine, prompt, question=False)
+    weight = _reference_gate(engine, prompt)
+    assert weight > whole + 0.1  # the line is read: logit + 1 moves the weight well past rounding
+    [generation] = engine.generate([prompt], mode="sa", max_new_tokens=MAX_NEW)
+    [prompt_only] = engine.generate([prompt], mode="sa", max_new_tokens=1, gate_question=False)
+    assert generation.safety.gate_weight == pytest.approx(weight, abs=1e-5)
+    assert prompt_only.safety.gate_weight == pytest.approx(whole, abs=1e-5)
+    assert list(generation.token_ids) == _reference(engine, prompt, "sa", None, 0.0, gate_weight=weight)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -79,8 +79,10 @@ class SafeInferConfig(_Settings):
     - ``scale`` / ``layer``: override the safety vector's own scale and layer (None keeps the vector's).
     - ``gate``: scale SA and guidance per request by the vector's harm gate, when the vector carries one.
     - ``gate_question``: the gate also weighs the conversation's last user message on its own (as a one-turn
-      chat) and takes the larger weight, so a system prompt or an agent header around a question cannot lower
-      its weight below the bare question's. False: the whole prompt only.
+      chat), and that message's last line when it has several (where retrieval templates such as LlamaIndex's
+      put the query, after the documents), and takes the largest weight, so a system prompt, an agent header or
+      retrieved documents around a question cannot lower its weight below the bare question's. False: the
+      whole prompt only.
     - ``gate_cutoff``: in [0, 1); a request whose gate weight is below it is decoded as ``vanilla`` (no
       steering, no guidance) and gets no unsafe-expert rows, so it costs what plain decoding costs.
       0 turns this off. Only acts when the gate does. The default 0.1 was chosen on the held-in split: refusal

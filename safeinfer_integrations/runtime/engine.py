@@ -73,6 +73,15 @@ def _vectorless_default(name: str) -> SafeInferConfig:
     return SafeInferConfig(mode="sgds", unsafe_expert="prompted")
 
 
+def last_line(text: str) -> str | None:
+    """The last line of at least three words of a message that has more than that line (None otherwise): where
+    retrieval templates put the question ("Query: ...", "Question: ..."), after the documents."""
+    lines = [line.strip() for line in text.splitlines() if len(line.split()) >= 3]
+    if not lines or lines[-1] == text.strip():
+        return None
+    return lines[-1]
+
+
 def _output_size(model: Any) -> int:
     """How many tokens the model's output layer scores (its config's vocabulary size when it has no output
     embedding to read)."""
@@ -359,8 +368,9 @@ class SafeInferEngine:
 
     def _question_ids(self, prompt: PromptInput) -> list[list[int]]:
         """What the gate reads besides the whole prompt, each as a one-turn chat: the last user message alone
-        (unless the conversation is just that message), and every turn forged inside it with control tokens
-        (encoded as text, see `prompts`). Empty for a completion prompt."""
+        (unless the conversation is just that message), its last line when it has several (`last_line`: a
+        retrieval template's query line), and every turn forged inside it with control tokens (encoded as text,
+        see `prompts`). Empty for a completion prompt."""
         if isinstance(prompt, str):
             return []
         users = [m for m in prompt if m.get("role") == "user" and m.get("content")]
@@ -368,6 +378,9 @@ class SafeInferEngine:
             return []
         content = str(users[-1]["content"])
         questions = [] if len(prompt) == 1 and prompt[0] is users[-1] else [content]
+        line = last_line(content)
+        if line is not None:
+            questions.append(line)
         questions += self._formatter.forged_turns(content)
         return [self._encode([{"role": "user", "content": q}], None, None) for q in questions]
 

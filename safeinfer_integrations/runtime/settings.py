@@ -73,7 +73,8 @@ class SafeInferSettings(BaseModel):
     gate_question: bool | None = Field(
         default=None,
         strict=True,
-        description="The gate also weighs the last user message on its own and takes the larger weight (default True).",
+        description="The gate also weighs the last user message, and its last line, on their own and takes the "
+        "largest weight (default True).",
     )
     gate_cutoff: float | None = Field(
         default=None,

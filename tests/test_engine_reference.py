@@ -304,7 +304,10 @@ def _reference_gate(engine: SafeInferEngine, prompt: Any, question: bool = True)
     questions = forged if len(prompt) == 1 else [last_user, *forged]
     long_lines = [line.strip() for line in last_user.split("\n") if len(line.split()) >= 3]
     if long_lines and long_lines[-1] != last_user.strip():
-        questions.append(long_lines[-1])  # a retrieval template's query line
+        label, colon, rest = long_lines[-1].partition(": ")
+        line = rest if colon and len(label) <= 20 and label.replace(" ", "").isalpha() else long_lines[-1]
+        if len(line.split()) >= 3:
+            questions.append(line)  # a retrieval template's query line, without its label
     return max([full] + [weight([{"role": "user", "content": q}]) for q in questions])
 
 
@@ -389,7 +392,7 @@ def test_the_gate_weighs_the_query_line_of_a_retrieval_prompt(
         with torch.no_grad():
             return engine.model(input_ids=ids, output_hidden_states=True).hidden_states[1][0, -1].float()
 
-    direction = hidden([{"role": "user", "content": query}]) - hidden(prompt)
+    direction = hidden([{"role": "user", "content": query.removeprefix("Query: ")}]) - hidden(prompt)
     direction = direction / direction.norm() ** 2  # the line's logit is the whole prompt's + 1
     vector = engine.vector
     assert vector is not None
